@@ -1,0 +1,188 @@
+"""Forward-mode hypergradients (real-time hyperparameter optimization, RTHO).
+
+For every scalar meta-parameter direction ``e_i`` the tangent ``Z_t = d(params_t,
+state_t) / d lambda_i`` is carried through the same inner step as reverse mode uses,
+with ``torch.autograd.forward_ad`` (forward-over-reverse through the inner gradient).
+Tangents are stored as plain tensors between steps, so all directions advance in
+lock-step and the online variant can update ``lambda`` every ``K`` steps while the
+tangents keep flowing (Franceschi et al. 2017). Cost grows with the number of
+scalar meta-parameters, so more than ``max_directions`` is refused: use reverse mode.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..optim.base import substitute
+from .reverse import check_hparams
+from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, weight_at
+
+
+def _directions(hparams: dict[str, torch.Tensor], max_directions: int) -> list[tuple[str, int]]:
+    n = sum(v.numel() for v in hparams.values())
+    if n > max_directions:
+        raise ValueError(f"forward mode needs one tangent per scalar meta-parameter and got {n} "
+                         f"(> max_directions={max_directions}); use reverse mode, or pass max_directions={n} to insist")
+    return [(k, i) for k, v in hparams.items() for i in range(v.numel())]
+
+
+def _dual_tree(primal: Any, tangent: Any) -> Any:
+    leaves, spec = tree_flatten(primal)
+    tans, _ = tree_flatten(tangent)
+    out = [fwAD.make_dual(p, t) if isinstance(p, torch.Tensor) and p.is_floating_point() else p
+           for p, t in zip(leaves, tans)]
+    return tree_unflatten(out, spec)
+
+
+def _split_tree(tree: Any) -> tuple[Any, Any]:
+    leaves, spec = tree_flatten(tree)
+    prim, tan = [], []
+    for x in leaves:
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            p, t = fwAD.unpack_dual(x)
+            prim.append(p.detach())
+            tan.append(torch.zeros_like(p) if t is None else t.detach())
+        else:
+            prim.append(x)
+            tan.append(x)
+    return tree_unflatten(prim, spec), tree_unflatten(tan, spec)
+
+
+def _zeros_tree(tree: Any) -> Any:
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([torch.zeros_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                           for x in leaves], spec)
+
+
+class ForwardUnroll:
+    """Inner loop carrying one tangent per scalar meta-parameter direction.
+
+    Args mirror :func:`l2o.hypergrad.reverse`. Call :meth:`run` to advance and
+    :meth:`hypergrad` to read ``d objective / d hparams`` where the unroll stands.
+    """
+
+    def __init__(self, inner_loss: InnerLoss, params: Params, hparams: dict[str, torch.Tensor], opt, *,
+                 second_order: bool = True, meta_weights: Sequence[float] | None = None, state: Any = None,
+                 max_directions: int = 1000) -> None:
+        check_hparams(hparams)
+        self.inner_loss, self.hparams, self.opt = inner_loss, hparams, opt
+        self.second_order, self.meta_weights = second_order, meta_weights
+        self.dirs = _directions(hparams, max_directions)
+        state = opt.init(params) if state is None else state
+        # an initial weight that *is* a meta-parameter starts with the unit tangent
+        by_id = {id(v): k for k, v in hparams.items()}
+        self.params, self.state = detach(params), detach(state)
+        self.tangents = []
+        for name, i in self.dirs:
+            tp = {}
+            for k, p in params.items():
+                t = torch.zeros_like(p)
+                if by_id.get(id(p)) == name:
+                    t.view(-1)[i] = 1.0
+                tp[k] = t
+            self.tangents.append((tp, _zeros_tree(self.state)))
+        self.meta_tangent = torch.zeros(len(self.dirs), dtype=torch.float64)
+        self.meta_loss = 0.0
+        self.t = 0
+        self.losses: list[float] = []
+
+    def _hparam_duals(self, name: str, i: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for k, v in self.hparams.items():
+            t = torch.zeros_like(v)
+            if k == name:
+                t.view(-1)[i] = 1.0
+            out[k] = fwAD.make_dual(v.detach(), t)
+        return out
+
+    def run(self, steps: int) -> None:
+        """Advance every direction by ``steps`` inner steps."""
+        check_steps(steps)
+        for _ in range(steps):
+            new_primal = None
+            for d, (name, i) in enumerate(self.dirs):
+                tp, ts = self.tangents[d]
+                with fwAD.dual_level():
+                    hd = self._hparam_duals(name, i)
+                    mapping = {id(self.hparams[k]): hd[k] for k in self.hparams}
+                    p = {k: fwAD.make_dual(v.detach().requires_grad_(), tp[k]) for k, v in self.params.items()}
+                    s = _dual_tree(self.state, ts)
+                    with torch.enable_grad():
+                        loss = self.inner_loss(p, hd, self.t)
+                        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
+                    grads = {k: (g if g is not None else torch.zeros_like(p[k])) for k, g in zip(p, grads)}
+                    if not self.second_order:
+                        grads = {k: fwAD.unpack_dual(g).primal.detach() for k, g in grads.items()}
+                    w = weight_at(self.meta_weights, self.t)
+                    if w is not None:
+                        lt = fwAD.unpack_dual(loss).tangent
+                        self.meta_tangent[d] += float(w) * (0.0 if lt is None else float(lt))
+                    with substitute(self.opt, mapping):
+                        p2, s2 = self.opt.step(p, grads, s)
+                    pp, tp2 = _split_tree(p2)
+                    ps, ts2 = _split_tree(s2)
+                self.tangents[d] = (tp2, ts2)
+                if new_primal is None:
+                    new_primal = (pp, ps, float(loss.detach()))
+            self.params, self.state, lv = new_primal
+            w = weight_at(self.meta_weights, self.t)
+            if w is not None:
+                self.meta_loss += float(w) * lv
+            self.losses.append(lv)
+            self.t += 1
+
+    def hypergrad(self, outer_loss: OuterLoss | None) -> dict[str, torch.Tensor]:
+        """``d objective / d hparams`` at the current step: tangents dotted with the outer gradient."""
+        total = self.meta_tangent.clone()
+        if outer_loss is not None:
+            p = {k: v.detach().requires_grad_() for k, v in self.params.items()}
+            with torch.enable_grad():
+                out = outer_loss(p, self.hparams)
+                keys = list(p)
+                gp = torch.autograd.grad(out, [p[k] for k in keys] + list(self.hparams.values()), allow_unused=True)
+            g_params, g_h = gp[:len(keys)], dict(zip(self.hparams, gp[len(keys):]))
+            for d, (name, i) in enumerate(self.dirs):
+                tp, _ = self.tangents[d]
+                acc = sum(float((g * tp[k]).sum()) for k, g in zip(keys, g_params) if g is not None)
+                if g_h[name] is not None:
+                    acc += float(g_h[name].reshape(-1)[i])
+                total[d] += acc
+        out_g = {k: torch.zeros_like(v) for k, v in self.hparams.items()}
+        for d, (name, i) in enumerate(self.dirs):
+            out_g[name].view(-1)[i] = total[d].to(out_g[name].dtype)
+        return out_g
+
+
+def forward(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params, hparams: dict, opt, steps: int, *,
+            second_order: bool = True, meta_weights: Sequence[float] | None = None, state: Any = None,
+            max_directions: int = 1000) -> dict[str, torch.Tensor]:
+    """Forward-mode hypergradient after ``steps`` steps (equals :func:`reverse` to rounding).
+
+    Cost: about one inner step per scalar meta-parameter per step, plus one primal
+    step; for many meta-parameters use reverse mode.
+    """
+    check_steps(steps)
+    if outer_loss is None and meta_weights is None:
+        raise ValueError("give an outer_loss, meta_weights, or both: the objective is empty")
+    fu = ForwardUnroll(inner_loss, params, hparams, opt, second_order=second_order, meta_weights=meta_weights,
+                       state=state, max_directions=max_directions)
+    fu.run(steps)
+    return fu.hypergrad(outer_loss)
+
+
+def forward_online(inner_loss: InnerLoss, outer_loss: OuterLoss, params: Params, hparams: dict, opt, steps: int,
+                   every: int, **kwargs) -> Iterator[tuple[int, dict[str, torch.Tensor], ForwardUnroll]]:
+    """RTHO: yield ``(step, hypergradient, unroll)`` every ``every`` steps of one run.
+
+    The caller may update ``hparams`` in place between yields; the tangents keep
+    accumulating across updates (the real-time approximation of Franceschi et al. 2017).
+    """
+    check_steps(steps)
+    check_steps(every, "every")
+    fu = ForwardUnroll(inner_loss, params, hparams, opt, **kwargs)
+    while fu.t < steps:
+        fu.run(min(every, steps - fu.t))
+        yield fu.t, fu.hypergrad(outer_loss), fu

@@ -1,0 +1,131 @@
+"""Implicit-function-theorem hypergradients (Lorraine et al. 2019; Pedregosa 2016).
+
+At a stationary point ``params*`` of ``L_in(params, hparams)``,
+
+    d L_out / d hparams = dL_out/dhparams - (d^2 L_in / dhparams dparams) v,
+    where  H v = dL_out/dparams,  H = d^2 L_in / dparams^2,
+
+with ``v`` from conjugate gradients or a Neumann series on Hessian-vector products
+(never forming ``H``). Meta-parameters that enter neither the inner gradient nor the
+outer loss (a learning rate, a learned optimizer's weights, initial weights) have no
+implicit hypergradient and are refused.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .reverse import check_hparams
+from .unroll import InnerLoss, OuterLoss, Params
+
+Vec = list[torch.Tensor]
+
+
+def _dot(a: Vec, b: Vec) -> torch.Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b))
+
+
+def conjugate_gradient(hvp: Callable[[Vec], Vec], b: Vec, iters: int, tol: float = 1e-12) -> Vec:
+    """Solve ``H x = b`` for symmetric positive-definite ``H`` given as ``hvp``."""
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in b]
+    rr = _dot(r, r)
+    b_norm = float(rr) ** 0.5
+    for _ in range(iters):
+        if float(rr) ** 0.5 <= tol * max(b_norm, 1e-300):
+            break
+        hp = hvp(p)
+        alpha = rr / _dot(p, hp)
+        x = [xi + alpha * pi for xi, pi in zip(x, p)]
+        r = [ri - alpha * hi for ri, hi in zip(r, hp)]
+        rr_new = _dot(r, r)
+        p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p)]
+        rr = rr_new
+    return x
+
+
+def neumann(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
+    """``H^-1 b ~= alpha * sum_{j=0}^{iters} (I - alpha H)^j b`` (converges for ``alpha < 2 / lambda_max``)."""
+    term = [t.clone() for t in b]
+    total = [t.clone() for t in b]
+    for _ in range(iters):
+        hv = hvp(term)
+        term = [t - alpha * h for t, h in zip(term, hv)]
+        total = [s + t for s, t in zip(total, term)]
+    return [alpha * s for s in total]
+
+
+def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, seed: int = 0) -> float:
+    """Power iteration estimate of the Hessian's largest-magnitude eigenvalue."""
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in like]
+    lam = 1.0
+    for _ in range(iters):
+        n = float(_dot(v, v)) ** 0.5
+        v = [t / n for t in v]
+        hv = hvp(v)
+        lam = float(_dot(v, hv))
+        v = hv
+    return abs(lam)
+
+
+def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, hparams: dict, *,
+             method: str = "cg", iters: int = 100, alpha: float | None = None, tol: float = 1e-12
+             ) -> dict[str, torch.Tensor]:
+    """Implicit hypergradient at (approximately) converged parameters.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, None)`` is the full training objective.
+        outer_loss: ``outer_loss(params, hparams)``, e.g. the validation loss.
+        params_star: parameters at (approximate) stationarity of the inner objective.
+        hparams: meta-parameters (tensors with ``requires_grad=True``).
+        method: ``cg`` (conjugate gradients; needs a positive-definite Hessian) or
+            ``neumann`` (Lorraine et al.'s series; robust, approximate).
+        iters: CG iterations or Neumann terms.
+        alpha: Neumann step; default ``1 / lambda_max`` from 20 power iterations.
+        tol: relative residual at which CG stops.
+
+    Returns:
+        dict like ``hparams``.
+    """
+    check_hparams(hparams)
+    if method not in ("cg", "neumann"):
+        raise ValueError(f"unknown implicit method {method!r}; choose 'cg' or 'neumann'")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got {iters!r}")
+    hp_ids = {id(v) for v in hparams.values()}
+    shared = [k for k, v in params_star.items() if id(v) in hp_ids]
+    if shared:
+        raise ValueError(f"params {shared} are also meta-parameters: initial weights have no implicit "
+                         f"hypergradient (the fixed point forgets them); use reverse or forward mode")
+    keys = list(params_star)
+    p = [params_star[k].detach().requires_grad_() for k in keys]
+    hv = list(hparams.values())
+    pd = dict(zip(keys, p))
+    with torch.enable_grad():
+        out = outer_loss(pd, hparams)
+        g_out = torch.autograd.grad(out, p + hv, allow_unused=True)
+        gp = [g if g is not None else torch.zeros_like(x) for g, x in zip(g_out[:len(p)], p)]
+        direct = g_out[len(p):]
+        inner = inner_loss(pd, hparams, None)
+        dLdp = torch.autograd.grad(inner, p, create_graph=True)
+
+        def hvp(v: Vec) -> Vec:
+            return list(torch.autograd.grad(dLdp, p, grad_outputs=v, retain_graph=True))
+
+        if method == "cg":
+            v = conjugate_gradient(hvp, gp, iters, tol)
+        else:
+            a = alpha if alpha is not None else 1.0 / max(largest_eigenvalue(hvp, gp), 1e-12)
+            v = neumann(hvp, gp, iters, a)
+        mixed = torch.autograd.grad(dLdp, hv, grad_outputs=v, allow_unused=True)
+    result = {}
+    for (k, h), d, m in zip(hparams.items(), direct, mixed):
+        if d is None and m is None:
+            raise ValueError(f"meta-parameter {k!r} enters neither the inner gradient nor the outer loss: "
+                             f"implicit differentiation cannot see it (a learning rate or an optimizer's weights "
+                             f"act only through the optimizer); use reverse or forward mode")
+        result[k] = (d if d is not None else torch.zeros_like(h)) - (m if m is not None else torch.zeros_like(h))
+    return result

@@ -1,0 +1,138 @@
+"""The differentiable-optimizer protocol (optax's init/update, as an ``nn.Module``).
+
+``init(params) -> state`` and ``step(params, grads, state) -> (params, state)`` are
+always out-of-place, so a whole training run is one differentiable function of the
+optimizer's meta-parameters. Meta-parameters are ``self.parameters()``: a learned
+LSTM's weights or a hand-designed optimizer's hyperparameters in unconstrained form
+(``log_lr``, ``logit_momentum``), so any ``torch.optim`` optimizer can meta-train them
+and ``state_dict()`` checkpoints them.
+
+A hyperparameter given as a number becomes the optimizer's own parameter; given as a
+tensor (or a ``dict`` of per-parameter tensors) it is used as is, so gradients flow to
+the caller's tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+State = dict[str, Any]
+
+# name of the raw parameter and the map raw -> value, per constraint
+_TRANSFORMS = {
+    "positive": ("log_", torch.exp, math.log),
+    "unit": ("logit_", torch.sigmoid, lambda v: math.log(v / (1.0 - v))),
+    "real": ("", lambda r: r, lambda v: v),
+}
+
+
+class DifferentiableOptimizer(nn.Module):
+    """Base class: hyperparameter bookkeeping shared by every optimizer.
+
+    Subclasses call :meth:`_hparam` in ``__init__`` for each hyperparameter and
+    implement :meth:`init` and :meth:`step`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._given: dict[str, Any] = {}
+        self._kinds: dict[str, str] = {}
+        self._config: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ hyperparameters
+    def _hparam(self, name: str, value: float | torch.Tensor | dict, kind: str) -> None:
+        """Register hyperparameter ``name``; numbers become ``nn.Parameter``s in unconstrained form."""
+        self._kinds[name] = kind
+        prefix, _, inverse = _TRANSFORMS[kind]
+        if isinstance(value, (torch.Tensor, dict)):
+            self._given[name] = value
+            return
+        value = float(value)
+        if kind == "positive" and value <= 0:
+            raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}")
+        if kind == "unit" and not 0.0 < value < 1.0:
+            raise ValueError(f"{type(self).__name__}: {name} must be in (0, 1), got {value}")
+        self._config[name] = value
+        self.register_parameter(prefix + name, nn.Parameter(torch.tensor(inverse(value), dtype=torch.get_default_dtype())))
+
+    def hparam(self, name: str, key: str | None = None) -> torch.Tensor:
+        """The constrained value of hyperparameter ``name`` (for parameter ``key`` if per-parameter)."""
+        if name in self._given:
+            v = self._given[name]
+            return v[key] if isinstance(v, dict) else v
+        prefix, forward, _ = _TRANSFORMS[self._kinds[name]]
+        return forward(getattr(self, prefix + name))
+
+    def hparams(self) -> dict[str, float]:
+        """Current scalar hyperparameter values, for logging."""
+        out = {}
+        for name in self._kinds:
+            v = self._given.get(name) if name in self._given else self.hparam(name)
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                out[name] = float(v.detach())
+        return out
+
+    def learn(self, names: list[str] | None) -> "DifferentiableOptimizer":
+        """Make only ``names`` (hyperparameter names, e.g. ``["lr"]``) trainable; None = all."""
+        unknown = [n for n in (names or []) if n not in self._kinds]
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no hyperparameter {unknown[0]!r}; "
+                             f"it has {', '.join(self._kinds)}")
+        for name, kind in self._kinds.items():
+            raw = getattr(self, _TRANSFORMS[kind][0] + name, None)
+            if isinstance(raw, nn.Parameter):
+                raw.requires_grad_(names is None or name in names)
+        return self
+
+    def project_(self) -> None:
+        """Keep hyperparameters valid after an outer step (constraints are in the parametrisation)."""
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments that rebuild this optimizer (weights come from ``state_dict``)."""
+        return {"type": type(self).__name__, **self._config}
+
+    # ------------------------------------------------------------------ protocol
+    def init(self, params: Params) -> State:
+        raise NotImplementedError
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        raise NotImplementedError
+
+
+class substitute:
+    """Context manager: inside it, ``opt`` uses ``mapping[id(t)]`` wherever it used tensor ``t``.
+
+    Covers both kinds of hyperparameter: tensors given to the constructor and the
+    optimizer's own ``nn.Parameter``s. Forward-mode differentiation uses it to swap a
+    meta-parameter for its dual number without touching the caller's tensors.
+    """
+
+    def __init__(self, opt: nn.Module, mapping: dict[int, torch.Tensor]) -> None:
+        self.opt, self.mapping, self._undo = opt, mapping, []
+
+    def __enter__(self) -> nn.Module:
+        for mod in self.opt.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and id(p) in self.mapping:
+                    self._undo.append((mod._parameters, name, p))
+                    mod._parameters[name] = self.mapping[id(p)]
+            given = getattr(mod, "_given", None)
+            if given:
+                for name, v in list(given.items()):
+                    if isinstance(v, dict):
+                        if any(id(t) in self.mapping for t in v.values()):
+                            self._undo.append((given, name, v))
+                            given[name] = {k: self.mapping.get(id(t), t) for k, t in v.items()}
+                    elif id(v) in self.mapping:
+                        self._undo.append((given, name, v))
+                        given[name] = self.mapping[id(v)]
+        return self.opt
+
+    def __exit__(self, *exc) -> None:
+        for container, name, value in reversed(self._undo):
+            container[name] = value
+        self._undo.clear()

@@ -1,0 +1,130 @@
+"""Hand-designed differentiable optimizers that follow ``torch.optim``'s update rules.
+
+With constant hyperparameters each reproduces the matching ``torch.optim`` trajectory
+(tested in float64); written out-of-place so that gradients reach the hyperparameters.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import DifferentiableOptimizer, Params, State
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``sqrt(x)`` whose derivative at ``x == 0`` is 0 instead of inf (avoids NaN second derivatives)."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+class SGD(DifferentiableOptimizer):
+    """``p <- p - lr * g``."""
+
+    def __init__(self, lr: float | torch.Tensor = 0.1) -> None:
+        super().__init__()
+        self._hparam("lr", lr, "positive")
+
+    def init(self, params: Params) -> State:
+        return {"step": 0}
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        new = {k: p - self.hparam("lr", k) * grads[k] for k, p in params.items()}
+        return new, {"step": state["step"] + 1}
+
+
+class Momentum(DifferentiableOptimizer):
+    """Heavy-ball or Nesterov momentum, as ``torch.optim.SGD(momentum=mu, nesterov=...)``.
+
+    ``b <- mu b + g``; heavy ball ``p <- p - lr b``; Nesterov ``p <- p - lr (g + mu b)``.
+    """
+
+    def __init__(self, lr: float | torch.Tensor = 0.1, momentum: float | torch.Tensor = 0.9,
+                 nesterov: bool = False) -> None:
+        super().__init__()
+        self._hparam("lr", lr, "positive")
+        self._hparam("momentum", momentum, "unit")
+        self.nesterov = bool(nesterov)
+        self._config["nesterov"] = self.nesterov
+
+    def init(self, params: Params) -> State:
+        return {"step": 0, "buf": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def lr_at(self, step: int, key: str) -> torch.Tensor:
+        return self.hparam("lr", key)
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        new_p, new_b = {}, {}
+        for k, p in params.items():
+            mu, g = self.hparam("momentum", k), grads[k]
+            b = mu * state["buf"][k] + g
+            d = g + mu * b if self.nesterov else b
+            new_p[k] = p - self.lr_at(state["step"], k) * d
+            new_b[k] = b
+        return new_p, {"step": state["step"] + 1, "buf": new_b}
+
+
+class MomentumInvDecay(Momentum):
+    """Momentum with ``lr_t = lr * (1 + t / T0) ** -decay`` (Wu et al. 2018, short-horizon bias)."""
+
+    def __init__(self, lr: float | torch.Tensor = 0.1, momentum: float | torch.Tensor = 0.9,
+                 decay: float | torch.Tensor = 0.0, T0: float = 100.0, nesterov: bool = False) -> None:
+        super().__init__(lr, momentum, nesterov)
+        self._hparam("decay", decay, "real")
+        if T0 <= 0:
+            raise ValueError(f"T0 must be > 0, got {T0}")
+        self.T0 = float(T0)
+        self._config["T0"] = self.T0
+
+    def lr_at(self, step: int, key: str) -> torch.Tensor:
+        return self.hparam("lr", key) * (1.0 + step / self.T0) ** (-self.hparam("decay", key))
+
+
+class Adam(DifferentiableOptimizer):
+    """Adam exactly as ``torch.optim.Adam`` (bias-corrected, eps outside the sqrt)."""
+
+    def __init__(self, lr: float | torch.Tensor = 1e-3, beta1: float | torch.Tensor = 0.9,
+                 beta2: float | torch.Tensor = 0.999, eps: float = 1e-8) -> None:
+        super().__init__()
+        self._hparam("lr", lr, "positive")
+        self._hparam("beta1", beta1, "unit")
+        self._hparam("beta2", beta2, "unit")
+        self.eps = float(eps)
+        self._config["eps"] = self.eps
+
+    def init(self, params: Params) -> State:
+        z = {k: torch.zeros_like(p) for k, p in params.items()}
+        return {"step": 0, "m": z, "v": dict(z)}
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        t = state["step"] + 1
+        new_p, m_new, v_new = {}, {}, {}
+        for k, p in params.items():
+            b1, b2, g = self.hparam("beta1", k), self.hparam("beta2", k), grads[k]
+            m = b1 * state["m"][k] + (1 - b1) * g
+            v = b2 * state["v"][k] + (1 - b2) * g * g
+            denom = safe_sqrt(v) / torch.sqrt(1 - b2 ** t) + self.eps
+            new_p[k] = p - self.hparam("lr", k) / (1 - b1 ** t) * m / denom
+            m_new[k], v_new[k] = m, v
+        return new_p, {"step": t, "m": m_new, "v": v_new}
+
+
+class RMSprop(DifferentiableOptimizer):
+    """RMSprop exactly as ``torch.optim.RMSprop`` (no momentum, not centered)."""
+
+    def __init__(self, lr: float | torch.Tensor = 1e-2, alpha: float | torch.Tensor = 0.99, eps: float = 1e-8) -> None:
+        super().__init__()
+        self._hparam("lr", lr, "positive")
+        self._hparam("alpha", alpha, "unit")
+        self.eps = float(eps)
+        self._config["eps"] = self.eps
+
+    def init(self, params: Params) -> State:
+        return {"step": 0, "v": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        new_p, v_new = {}, {}
+        for k, p in params.items():
+            a, g = self.hparam("alpha", k), grads[k]
+            v = a * state["v"][k] + (1 - a) * g * g
+            new_p[k] = p - self.hparam("lr", k) * g / (safe_sqrt(v) + self.eps)
+            v_new[k] = v
+        return new_p, {"step": state["step"] + 1, "v": v_new}

@@ -1,0 +1,104 @@
+"""The coordinatewise LSTM optimizer of Andrychowicz et al. (2016).
+
+One small LSTM (default 2 layers x 20 units) is shared by every coordinate; each
+coordinate keeps its own hidden state. All coordinates of all parameter tensors are
+one batch of shape ``[N, features]``, so a step is a handful of matrix products
+regardless of the number of tensors (no Python loop over coordinates).
+
+Update: ``theta <- theta + output_scale * Linear(h_top)``, the output layer initialised
+near zero so that early meta-training starts from an almost-still optimizer.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import preprocess
+from .base import DifferentiableOptimizer, Params, State
+
+INPUTS = ("paper", "plain", "rich")
+
+
+class LSTMOptimizer(DifferentiableOptimizer):
+    """Coordinatewise learned optimizer.
+
+    Args:
+        hidden: LSTM width (20 in the paper).
+        layers: number of stacked LSTM layers (2 in the paper).
+        inputs: ``paper`` (log/sign preprocessing, 2 features), ``plain`` (the raw
+            gradient times ``plain_scale``) or ``rich`` (log/sign plus momenta at
+            several timescales and Adam-normalised gradient, see
+            :func:`l2o.optim.preprocess.rich`).
+        output_scale: multiplies the LSTM's output (0.1 in the paper).
+        p: preprocessing scale (10 in the paper).
+        init_scale: standard deviation of the output layer's initial weights
+            (near-zero initial updates).
+    """
+
+    def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "paper", output_scale: float = 0.1,
+                 p: float = 10.0, init_scale: float = 1e-3, plain_scale: float = 1.0) -> None:
+        super().__init__()
+        if inputs not in INPUTS:
+            raise ValueError(f"unknown LSTM inputs {inputs!r}; choose one of {', '.join(INPUTS)}")
+        if hidden < 1 or layers < 1 or output_scale <= 0 or p <= 0:
+            raise ValueError("hidden, layers, output_scale and p must be positive")
+        self.hidden, self.layers, self.inputs = int(hidden), int(layers), inputs
+        self.output_scale, self.p, self.plain_scale = float(output_scale), float(p), float(plain_scale)
+        self._config.update(hidden=self.hidden, layers=self.layers, inputs=inputs, output_scale=self.output_scale,
+                            p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale)
+        n_in = {"paper": 2, "plain": 1, "rich": preprocess.N_RICH}[inputs]
+        # One fused weight per layer acting on [x, h]: a single matmul per layer and step.
+        self.cells = nn.ModuleList()
+        for i in range(self.layers):
+            lin = nn.Linear((n_in if i == 0 else hidden) + hidden, 4 * hidden)
+            bound = 1.0 / math.sqrt(hidden)
+            nn.init.uniform_(lin.weight, -bound, bound)
+            nn.init.zeros_(lin.bias)
+            with torch.no_grad():  # forget-gate bias 1: remember by default
+                lin.bias[hidden:2 * hidden] = 1.0
+            self.cells.append(lin)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.normal_(self.out.weight, std=init_scale)
+        nn.init.zeros_(self.out.bias)
+
+    def init(self, params: Params) -> State:
+        n = sum(p.numel() for p in params.values())
+        like = next(iter(params.values())).detach()
+        z = like.new_zeros(n, self.hidden)
+        state: State = {"step": 0, "h": [z] * self.layers, "c": [z] * self.layers}
+        if self.inputs == "rich":
+            state["feat"] = preprocess.rich_init(n, like)
+        return state
+
+    def _features(self, g: torch.Tensor, state: State) -> tuple[torch.Tensor, dict | None]:
+        if self.inputs == "paper":
+            return preprocess.log_sign(g, self.p), None
+        if self.inputs == "plain":
+            return (g * self.plain_scale)[:, None], None
+        return preprocess.rich(g, state["feat"], self.p)
+
+    def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        g = torch.cat([grads[k].reshape(-1) for k in keys])
+        x, feat_state = self._features(g, state)
+        hs, cs = [], []
+        H = self.hidden
+        for i, lin in enumerate(self.cells):
+            gates = lin(torch.cat([x, state["h"][i]], dim=1))
+            ig, fg, gg, og = gates.split(H, dim=1)
+            c = torch.sigmoid(fg) * state["c"][i] + torch.sigmoid(ig) * torch.tanh(gg)
+            x = torch.sigmoid(og) * torch.tanh(c)
+            hs.append(x)
+            cs.append(c)
+        update = self.out(x).squeeze(1) * self.output_scale
+        new_params, offset = {}, 0
+        for k in keys:
+            n = params[k].numel()
+            new_params[k] = params[k] + update[offset:offset + n].view_as(params[k])
+            offset += n
+        new_state: State = {"step": state["step"] + 1, "h": hs, "c": cs}
+        if feat_state is not None:
+            new_state["feat"] = feat_state
+        return new_params, new_state

@@ -1,0 +1,119 @@
+"""The Task protocol and the nn.Module -> pure-function adapter.
+
+A task is an optimizee family. ``sample(generator)`` draws one problem of the family
+(for the quadratic family a fresh ``W, y``; dataset tasks return themselves),
+``init(generator)`` draws initial parameters, ``batch(split, generator)`` draws a
+minibatch and ``loss(params, batch)`` is a *pure* function of the parameters: it
+mutates nothing, so it may be called on parameters that carry an autograd graph or
+forward-mode tangents. Only this layer touches ``higher``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import higher
+import torch
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+Batch = Any
+
+
+class Task:
+    """Base class of every optimizee.
+
+    Subclasses implement :meth:`init`, :meth:`batch` and :meth:`loss`; tasks whose
+    problems differ per sample (the quadratic family) override :meth:`sample`.
+    """
+
+    name: str = "task"
+
+    def sample(self, generator: torch.Generator) -> "Task":
+        """Return one problem of the family; dataset tasks are one problem."""
+        return self
+
+    def init(self, generator: torch.Generator) -> Params:
+        raise NotImplementedError
+
+    def batch(self, split: str, generator: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accuracy(self, params: Params, batch: Batch) -> torch.Tensor | None:
+        """Classification accuracy on ``batch``, or None for regression tasks."""
+        return None
+
+    def full_batch(self, split: str) -> Batch | None:
+        """The whole split as one batch (for evaluation), or None if not applicable."""
+        return None
+
+    def config(self) -> dict:
+        """The options that rebuild this task with :func:`l2o.tasks.get`."""
+        return {}
+
+    def to(self, device: torch.device | str) -> "Task":
+        return self
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+class ModuleTask(Task):
+    """A task whose model is an ``nn.Module`` made functional by ``higher.monkeypatch``.
+
+    The module is built once, as a template; ``init`` re-runs its parameter
+    initialisation under ``generator`` and returns copies, so the template is never
+    trained. ``loss`` calls ``fmodel(x, params=[...])`` in the template's parameter
+    order.
+
+    Args:
+        build: zero-argument callable returning the ``nn.Module``.
+        criterion: ``criterion(logits, y) -> scalar``.
+    """
+
+    def __init__(self, build: Callable[[], nn.Module], criterion: Callable) -> None:
+        self._build = build
+        self.module = build()
+        self.names = [n for n, _ in self.module.named_parameters()]
+        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=True)
+        self.criterion = criterion
+        self.device = torch.device("cpu")
+        self.dtype = torch.get_default_dtype()
+
+    def init(self, generator: torch.Generator) -> Params:
+        # Reproducible init that does not touch the global RNG: seed a fresh module.
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = self._build()
+        return {n: p.detach().to(self.device, self.dtype).clone() for n, p in fresh.named_parameters()}
+
+    def forward(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise KeyError(f"params lack {missing}; expected keys {self.names}")
+        return self.fmodel(x, params=[params[n] for n in self.names])
+
+    def loss(self, params: Params, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        return self.criterion(self.forward(params, x), y)
+
+    def accuracy(self, params: Params, batch: Batch) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            return (self.forward(params, x).argmax(-1) == y).to(x.dtype).mean()
+
+    def to(self, device: torch.device | str) -> "ModuleTask":
+        self.device = torch.device(device)
+        self.module.to(self.device)
+        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=True)
+        return self
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy written with log_softmax (forward-mode AD safe)."""
+    return -logits.log_softmax(-1).gather(-1, y[:, None]).mean()

@@ -1,0 +1,45 @@
+"""The L2L paper's CIFAR-10 optimizee: three conv layers and a 32-unit hidden layer."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import data
+from .base import Batch, ModuleTask, _check_split, cross_entropy
+
+
+def build_conv(channels: int = 16, hidden: int = 32) -> nn.Module:
+    c = channels
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 16x16
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 8x8
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # 4x4
+        nn.Flatten(), nn.Linear(c * 16, hidden), nn.ReLU(), nn.Linear(hidden, 10),
+    )
+
+
+class ConvTask(ModuleTask):
+    """Small convnet on CIFAR-10 (full release or any ``cifar-10-batches-py`` subset)."""
+
+    name = "cifar10_conv"
+
+    def __init__(self, channels: int = 16, hidden: int = 32, batch_size: int = 128,
+                 data_dir: str | None = None, device: str = "cpu") -> None:
+        if min(channels, hidden, batch_size) < 1:
+            raise ValueError("channels, hidden and batch_size must be positive")
+        self.channels, self.hidden, self.batch_size, self.data_dir = int(channels), int(hidden), int(batch_size), data_dir
+        super().__init__(lambda: build_conv(self.channels, self.hidden), cross_entropy)
+        self.to(device)
+        self._splits = {s: data.load("cifar10", s, data_dir, self.device) for s in ("train", "test")}
+
+    def batch(self, split: str, generator: torch.Generator) -> Batch:
+        _check_split(split)
+        return self._splits[split].sample(self.batch_size, generator)
+
+    def full_batch(self, split: str) -> Batch:
+        _check_split(split)
+        ds = self._splits[split]
+        return ds.x, ds.y
+
+    def config(self) -> dict:
+        return {"channels": self.channels, "hidden": self.hidden, "batch_size": self.batch_size}
