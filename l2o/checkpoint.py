@@ -1,0 +1,89 @@
+"""Checkpoints: one file holds everything to evaluate and to resume.
+
+The file is a plain dict of tensors and Python primitives, loadable with
+``torch.load(path, weights_only=True)``:
+
+    format, version            "l2o-checkpoint", 1
+    optimizer                  {"config": opt.config(), "state_dict": ...}   the current weights
+    best                       {"state_dict", "meta_step", "val_loss"} or None (kept by validation)
+    config                     the run's configuration (a flat dict of primitives)
+    outer_optimizer            torch.optim state_dict of the meta-optimizer
+    meta_step                  meta-steps completed
+    rng                        RNG states needed to continue exactly
+    extra                      anything else the trainer keeps (counters, ...)
+
+Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a kill
+during a save never loses the previous checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from .optim import DifferentiableOptimizer, from_config
+
+FORMAT, VERSION = "l2o-checkpoint", 1
+
+
+class CheckpointError(ValueError):
+    """An unreadable, foreign or inconsistent checkpoint (message says which and what to do)."""
+
+
+def save(path: str, payload: dict[str, Any]) -> None:
+    """Atomically write ``payload`` (plus format tags) to ``path``."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read and validate a checkpoint; raises :class:`CheckpointError` with a one-line reason."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist; give the path of a .pt file written by meta_train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
+        raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(exc).__name__}); "
+                              f"it is corrupt or not a torch file, re-create it with meta_train.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not an l2o checkpoint (no '{FORMAT}' tag); "
+                              f"use a file written by meta_train.py")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path!r} has checkpoint version {ckpt.get('version')}, this l2o reads {VERSION}")
+    return ckpt
+
+
+def optimizer_payload(opt: DifferentiableOptimizer) -> dict[str, Any]:
+    return {"config": opt.config(), "state_dict": {k: v.detach().cpu().clone() for k, v in opt.state_dict().items()}}
+
+
+def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> DifferentiableOptimizer:
+    """Rebuild the optimizer stored in a loaded checkpoint (``best`` by validation if kept, else current)."""
+    try:
+        opt = from_config(ckpt["optimizer"]["config"])
+        state = ckpt["optimizer"]["state_dict"]
+        if which == "best" and ckpt.get("best"):
+            state = ckpt["best"]["state_dict"]
+        opt.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint does not describe an l2o optimizer ({type(exc).__name__}: {exc})") from None
+    return opt
+
+
+def load_optimizer(path: str, map_location: str | torch.device = "cpu", which: str = "best") -> DifferentiableOptimizer:
+    """Rebuild the saved optimizer from the file alone (the best one by validation, if kept)."""
+    return build_optimizer(load(path, map_location), which)
