@@ -117,3 +117,35 @@ class ModuleTask(Task):
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy written with log_softmax (forward-mode AD safe)."""
     return -logits.log_softmax(-1).gather(-1, y[:, None]).mean()
+
+
+class BatchStream:
+    """The minibatch sequence of one optimizee run: batch ``t`` is the same however often it is asked for.
+
+    Batches are drawn in order from ``generator`` on first request and cached for a
+    few steps (forward mode evaluates the same step once per tangent direction).
+    Two runs built from equally seeded generators see identical batches, whatever
+    optimizer consumes them.
+    """
+
+    def __init__(self, task: Task, split: str, generator: torch.Generator, keep: int = 4) -> None:
+        self.task, self.split, self.generator, self.keep = task, split, generator, keep
+        self._cache: dict[int, Batch] = {}
+        self._next = 0
+
+    def __getitem__(self, t: int) -> Batch:
+        if t in self._cache:
+            return self._cache[t]
+        if t < self._next:
+            raise IndexError(f"batch {t} was already dropped from the stream (kept: {sorted(self._cache)})")
+        while self._next <= t:
+            self._cache[self._next] = self.task.batch(self.split, self.generator)
+            self._next += 1
+        for old in [k for k in self._cache if k < t - self.keep]:
+            del self._cache[old]
+        return self._cache[t]
+
+
+def seeded(seed: int, stream: int) -> torch.Generator:
+    """A CPU generator for ``(seed, stream)``: stream 0 problem + init, 1 training batches, 2 evaluation batches."""
+    return torch.Generator().manual_seed(int(seed) * 1000003 + int(stream))
