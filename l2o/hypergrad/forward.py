@@ -1,12 +1,21 @@
 """Forward-mode hypergradients (real-time hyperparameter optimization, RTHO).
 
 For every scalar meta-parameter direction ``e_i`` the tangent ``Z_t = d(params_t,
-state_t) / d lambda_i`` is carried through the same inner step as reverse mode uses,
-with ``torch.autograd.forward_ad`` (forward-over-reverse through the inner gradient).
+state_t) / d lambda_i`` is carried through the same inner step as reverse mode uses.
 Tangents are stored as plain tensors between steps, so all directions advance in
 lock-step and the online variant can update ``lambda`` every ``K`` steps while the
 tangents keep flowing (Franceschi et al. 2017). Cost grows with the number of
 scalar meta-parameters, so more than ``max_directions`` is refused: use reverse mode.
+
+One step, shared by all directions: the loss and its gradient ``g = dL/dparams`` are
+computed once (with a graph when ``second_order``). The tangent of the gradient,
+
+    dg . (Z, e_i) = H Z + (d^2 L / dparams dlambda) e_i = d/dparams [ g . Z + dL/dlambda . e_i ],
+
+is one extra backward pass per direction (the Hessian of ``L`` in ``(params, lambda)`` is
+symmetric), which on CPU costs about half of forward-over-reverse through
+``torch.autograd.forward_ad``. The optimizer step, cheap and arbitrary (it may be an
+LSTM), is pushed forward with ``forward_ad`` dual numbers.
 """
 from __future__ import annotations
 
@@ -102,37 +111,68 @@ class ForwardUnroll:
         """Advance every direction by ``steps`` inner steps."""
         check_steps(steps)
         for _ in range(steps):
-            new_primal = None
-            for d, (name, i) in enumerate(self.dirs):
-                tp, ts = self.tangents[d]
-                with fwAD.dual_level():
-                    hd = self._hparam_duals(name, i)
-                    mapping = {id(self.hparams[k]): hd[k] for k in self.hparams}
-                    p = {k: fwAD.make_dual(v.detach().requires_grad_(), tp[k]) for k, v in self.params.items()}
-                    s = _dual_tree(self.state, ts)
-                    with torch.enable_grad():
-                        loss = self.inner_loss(p, hd, self.t)
-                        grads = torch.autograd.grad(loss, list(p.values()), create_graph=True, allow_unused=True)
-                    grads = {k: (g if g is not None else torch.zeros_like(p[k])) for k, g in zip(p, grads)}
-                    if not self.second_order:
-                        grads = {k: fwAD.unpack_dual(g).primal.detach() for k, g in grads.items()}
-                    w = weight_at(self.meta_weights, self.t)
-                    if w is not None:
-                        lt = fwAD.unpack_dual(loss).tangent
-                        self.meta_tangent[d] += float(w) * (0.0 if lt is None else float(lt))
-                    with substitute(self.opt, mapping):
-                        p2, s2 = self.opt.step(p, grads, s)
-                    pp, tp2 = _split_tree(p2)
-                    ps, ts2 = _split_tree(s2)
-                self.tangents[d] = (tp2, ts2)
-                if new_primal is None:
-                    new_primal = (pp, ps, float(loss.detach()))
-            self.params, self.state, lv = new_primal
-            w = weight_at(self.meta_weights, self.t)
-            if w is not None:
-                self.meta_loss += float(w) * lv
-            self.losses.append(lv)
-            self.t += 1
+            self._step()
+
+    def _step(self) -> None:
+        keys, hkeys = list(self.params), list(self.hparams)
+        p = {k: v.detach().requires_grad_() for k, v in self.params.items()}
+        with torch.enable_grad():
+            loss = self.inner_loss(p, self.hparams, self.t)
+            wrt = [p[k] for k in keys] + [self.hparams[k] for k in hkeys]
+            # graph through the gradient only when its tangent is needed (second order)
+            g_all = torch.autograd.grad(loss, wrt, create_graph=self.second_order, allow_unused=True)
+        g_p = dict(zip(keys, g_all[:len(keys)]))
+        g_h = dict(zip(hkeys, g_all[len(keys):]))
+        grads = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in g_p.items()}
+        lv = float(loss.detach())
+        w = weight_at(self.meta_weights, self.t)
+        primal = {k: v.detach() for k, v in p.items()}
+        new_primal = None
+        for d, (name, i) in enumerate(self.dirs):
+            tp, ts = self.tangents[d]
+            if w is not None:  # d loss_t / d lambda_i = g . Z + dL/dlambda . e_i
+                lt = sum(float((grads[k] * tp[k]).sum()) for k in keys)
+                if g_h[name] is not None:
+                    lt += float(g_h[name].detach().reshape(-1)[i])
+                self.meta_tangent[d] += float(w) * lt
+            g_tan = self._gradient_tangent(p, g_p, g_h, tp, name, i) if self.second_order else {}
+            with fwAD.dual_level():
+                hd = self._hparam_duals(name, i)
+                mapping = {id(self.hparams[k]): hd[k] for k in hkeys}
+                pd = {k: fwAD.make_dual(primal[k], tp[k]) for k in keys}
+                gd = {k: (fwAD.make_dual(grads[k], g_tan[k]) if k in g_tan else grads[k]) for k in keys}
+                sd = _dual_tree(self.state, ts)
+                with substitute(self.opt, mapping):
+                    p2, s2 = self.opt.step(pd, gd, sd)
+                pp, tp2 = _split_tree(p2)
+                ps, ts2 = _split_tree(s2)
+            self.tangents[d] = (tp2, ts2)
+            if new_primal is None:
+                new_primal = (pp, ps)
+        self.params, self.state = new_primal
+        if w is not None:
+            self.meta_loss += float(w) * lv
+        self.losses.append(lv)
+        self.t += 1
+
+    def _gradient_tangent(self, p: Params, g_p: dict, g_h: dict, tp: Params, name: str, i: int) -> Params:
+        """``d/dparams [g . Z + dL/dlambda_name . e_i]``: the tangent of the gradient in direction ``i``."""
+        outs, vecs = [], []
+        for k, g in g_p.items():
+            if g is not None and g.requires_grad:
+                outs.append(g)
+                vecs.append(tp[k])
+        gh = g_h[name]
+        if gh is not None and gh.requires_grad:
+            e = torch.zeros_like(gh)
+            e.view(-1)[i] = 1.0
+            outs.append(gh)
+            vecs.append(e)
+        if not outs:  # the gradient is constant in params and lambda
+            return {}
+        keys = list(p)
+        jg = torch.autograd.grad(outs, [p[k] for k in keys], grad_outputs=vecs, retain_graph=True, allow_unused=True)
+        return {k: g for k, g in zip(keys, jg) if g is not None}
 
     def hypergrad(self, outer_loss: OuterLoss | None) -> dict[str, torch.Tensor]:
         """``d objective / d hparams`` at the current step: tangents dotted with the outer gradient."""

@@ -6,8 +6,9 @@ from typing import Any
 from .base import DifferentiableOptimizer, Params, State
 from .handcrafted import SGD, Adam, Momentum, MomentumInvDecay, RMSprop, safe_sqrt
 from .lstm import LSTMOptimizer
+from .weight_decay import WeightDecay
 
-CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer)}
+CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer, WeightDecay)}
 
 # short names used on the command line
 NAMES = {
@@ -42,4 +43,5 @@ def from_config(config: dict[str, Any]) -> DifferentiableOptimizer:
 
 
 __all__ = ["Adam", "CLASSES", "DifferentiableOptimizer", "LSTMOptimizer", "Momentum", "MomentumInvDecay", "NAMES",
-           "Params", "RMSprop", "SGD", "State", "from_config", "make", "safe_sqrt"]
+           "Params", "RMSprop", "SGD", "State", "WeightDecay", "from_config", "make",
+           "safe_sqrt"]

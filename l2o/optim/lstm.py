@@ -50,14 +50,19 @@ class LSTMOptimizer(DifferentiableOptimizer):
                             p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale)
         n_in = {"paper": 2, "plain": 1, "rich": preprocess.N_RICH}[inputs]
         # One fused weight per layer acting on [x, h]: a single matmul per layer and step.
+        # Gate order [input, forget, output, cell]. The cell gate is computed as
+        # tanh(z) = 2 sigmoid(2 z) - 1, its pre-activation stored as 2z, so that one
+        # sigmoid over all gates replaces three sigmoids and a tanh on strided slices
+        # (the same function class, about 1.4x faster on CPU).
         self.cells = nn.ModuleList()
         for i in range(self.layers):
             lin = nn.Linear((n_in if i == 0 else hidden) + hidden, 4 * hidden)
             bound = 1.0 / math.sqrt(hidden)
             nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(lin.bias)
-            with torch.no_grad():  # forget-gate bias 1: remember by default
-                lin.bias[hidden:2 * hidden] = 1.0
+            with torch.no_grad():
+                lin.weight[3 * hidden:] *= 2.0
+                lin.bias[hidden:2 * hidden] = 1.0  # forget-gate bias 1: remember by default
             self.cells.append(lin)
         self.out = nn.Linear(hidden, 1)
         nn.init.normal_(self.out.weight, std=init_scale)
@@ -86,10 +91,10 @@ class LSTMOptimizer(DifferentiableOptimizer):
         hs, cs = [], []
         H = self.hidden
         for i, lin in enumerate(self.cells):
-            gates = lin(torch.cat([x, state["h"][i]], dim=1))
-            ig, fg, gg, og = gates.split(H, dim=1)
-            c = torch.sigmoid(fg) * state["c"][i] + torch.sigmoid(ig) * torch.tanh(gg)
-            x = torch.sigmoid(og) * torch.tanh(c)
+            s = torch.sigmoid(torch.addmm(lin.bias, torch.cat([x, state["h"][i]], dim=1), lin.weight.t()))
+            ig, fg, og, gg = s.split(H, dim=1)
+            c = torch.addcmul(fg * state["c"][i], ig, 2.0 * gg - 1.0)
+            x = og * torch.tanh(c)
             hs.append(x)
             cs.append(c)
         update = self.out(x).squeeze(1) * self.output_scale

@@ -79,7 +79,7 @@ class ModuleTask(Task):
         self._build = build
         self.module = build()
         self.names = [n for n, _ in self.module.named_parameters()]
-        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=True)
+        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=False)
         self.criterion = criterion
         self.device = torch.device("cpu")
         self.dtype = torch.get_default_dtype()
@@ -110,7 +110,7 @@ class ModuleTask(Task):
     def to(self, device: torch.device | str) -> "ModuleTask":
         self.device = torch.device(device)
         self.module.to(self.device)
-        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=True)
+        self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=False)
         return self
 
 

@@ -1,0 +1,255 @@
+"""The evaluation suite: learned optimizers against tuned baselines on held-out tasks.
+
+``SUITE`` lists the L2L paper's generalisation experiments and a few more, each a
+named ``(task, options, steps)``. :func:`run` tunes every baseline's learning rate per
+task on tuning seeds (cached on disk), runs every optimizer on the evaluation seeds
+(same problems, initialisations and minibatches for all), and writes the report as it
+goes: ``results.json`` / ``results.md`` after each task, ``<task>.png`` and one
+TensorBoard run per optimizer under ``tb/<task>/<optimizer>``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import checkpoint, optim, report, tasks
+from .evaluate import log_grid, rollout, tune_lr
+from .optim import DifferentiableOptimizer
+from .tasks import DataNotFoundError, Task
+from .tasks.data import data_root
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One suite task: ``tasks.get(task, **options)`` run for ``steps`` steps."""
+
+    name: str
+    task: str
+    options: dict = field(default_factory=dict)
+    steps: int = 100
+    description: str = ""
+    optional: bool = False  # skipped with a note (not an error) when its data is missing
+
+
+SUITE: list[Entry] = [
+    Entry("mnist_mlp", "mnist_mlp", {}, 100, "MNIST, MLP 1x20 sigmoid (the training task)"),
+    Entry("mnist_mlp_200", "mnist_mlp", {}, 200, "MNIST, MLP 1x20 sigmoid, 2x the training horizon"),
+    Entry("mnist_mlp_1000", "mnist_mlp", {}, 1000, "MNIST, MLP 1x20 sigmoid, 10x the training horizon"),
+    Entry("mnist_mlp_h40", "mnist_mlp", {"hidden": [40]}, 100, "MNIST, MLP 1x40 sigmoid"),
+    Entry("mnist_mlp_2layer", "mnist_mlp", {"hidden": [20, 20]}, 100, "MNIST, MLP 2x20 sigmoid"),
+    Entry("mnist_mlp_relu", "mnist_mlp", {"activation": "relu"}, 100, "MNIST, MLP 1x20 ReLU"),
+    Entry("fashion_mnist_mlp", "fashion_mnist_mlp", {}, 100, "Fashion-MNIST, MLP 1x20 sigmoid"),
+    Entry("quadratic", "quadratic", {"dim": 10}, 100, "10-d quadratics ||Wx - y||^2, fresh W, y per seed"),
+    Entry("cifar10_conv", "cifar10_conv", {}, 100, "CIFAR-10, 3 conv layers + 32 hidden", optional=True),
+]
+ENTRIES = {e.name: e for e in SUITE}
+
+BASELINES = ("sgd", "nesterov", "rmsprop", "adam")
+# 9 half-decade points each, centred where each optimizer's best rate usually lies;
+# tune_lr widens a grid by up to EXTEND points when the best rate is at its edge.
+GRIDS = {"sgd": (1e-3, 1e1, 9), "nesterov": (1e-3, 1e1, 9), "rmsprop": (1e-5, 1e-1, 9), "adam": (1e-4, 1e0, 9)}
+EXTEND = 2
+EVAL_SEEDS = list(range(1000, 1020))
+TUNING_SEEDS = list(range(5))
+
+
+def select(names: Sequence[str] | None) -> list[Entry]:
+    """Suite entries by name, in the order given (all of them for None); ValueError names the choices."""
+    if not names:
+        return list(SUITE)
+    unknown = [n for n in names if n not in ENTRIES]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(ENTRIES)}")
+    return [ENTRIES[n] for n in dict.fromkeys(names)]
+
+
+def build_tasks(entries: Sequence[Entry], data_dir: str | None = None, device: str = "cpu",
+                log: Callable[[str], None] = print) -> list[tuple[Entry, Task]]:
+    """Build (and load the data of) every entry before any work starts.
+
+    An entry marked ``optional`` whose data is missing is skipped with a one-line note
+    through ``log``; any other failure raises (DataNotFoundError, ValueError).
+    """
+    built = []
+    for e in entries:
+        opts = dict(e.options, device=device)
+        if "data_dir" in tasks.options(e.task):
+            opts["data_dir"] = data_dir
+        try:
+            built.append((e, tasks.get(e.task, **opts)))
+        except DataNotFoundError as exc:
+            if not e.optional:
+                raise
+            log(f"note: skipping {e.name}: {exc}")
+    return built
+
+
+def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu") -> dict[str, tuple[str, DifferentiableOptimizer]]:
+    """Saved optimizers by display name (the file stem, made unique): ``{name: (path, optimizer)}``.
+
+    Raises:
+        l2o.checkpoint.CheckpointError: a file is missing, unreadable or not an l2o checkpoint.
+    """
+    out: dict[str, tuple[str, DifferentiableOptimizer]] = {}
+    for path in paths:
+        opt = checkpoint.build_optimizer(checkpoint.load(path, map_location=device), which).to(device)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, i = stem, 1
+        while name in out or name in BASELINES:
+            name, i = f"{stem}_{i}", i + 1
+        out[name] = (path, opt.eval())
+    return out
+
+
+class TuningCache:
+    """Tuned learning rates in one JSON file, keyed by everything that determines them.
+
+    Args:
+        folder: where ``tuning.json`` lives; None disables caching.
+    """
+
+    def __init__(self, folder: str | None) -> None:
+        self.path = None if folder is None else os.path.join(os.path.expanduser(folder), "tuning.json")
+
+    @staticmethod
+    def default_folder() -> str:
+        """``$L2O_CACHE_DIR``, else ``$XDG_CACHE_HOME/l2o``, else ``~/.cache/l2o``."""
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.environ.get("L2O_CACHE_DIR") or os.path.join(xdg, "l2o")
+
+    @staticmethod
+    def key(**fields: Any) -> str:
+        return json.dumps(report.clean(fields), sort_keys=True)
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as fh:  # type: ignore[arg-type]
+                data = json.load(fh)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):  # absent or damaged: start afresh (it is only a cache)
+            return {}
+
+    def get(self, key: str) -> dict | None:
+        return None if self.path is None else self._read().get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        if self.path is None:
+            return
+        data = self._read()
+        data[key] = report.clean(value)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(self.path))
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, self.path)
+
+
+def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[float], seeds: Sequence[int],
+         cache: TuningCache, on_score: Callable[[float, float], None] | None = None) -> dict[str, Any]:
+    """Tuned learning rate of baseline ``name`` on ``task`` (from the cache when it has it).
+
+    Returns:
+        ``{"lr", "scores": [[lr, mean final loss], ...], "at_edge", "cached"}``;
+        ``at_edge`` is true when the best rate is still the smallest or largest tried.
+    """
+    data = os.path.abspath(data_root(task.data_dir)) if hasattr(task, "data_dir") else None
+    key = cache.key(v=1, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
+                    seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()), data=data)
+    hit = cache.get(key)
+    if hit is not None:
+        return {**hit, "cached": True}
+    best, scores = tune_lr(task, lambda lr: optim.make(name, lr=lr), grid, seeds, steps, extend=EXTEND, on_score=on_score)
+    tried = sorted(scores)
+    value = {"lr": best, "scores": [[lr, scores[lr]] for lr in tried],
+             "at_edge": len(tried) > 1 and best in (tried[0], tried[-1])}
+    cache.put(key, value)
+    return {**report.clean(value), "cached": False}
+
+
+def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
+    """A tqdm bar on stderr, shown only on a terminal (and when ``enabled``)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=leave, disable=None if enabled else True, dynamic_ncols=True)
+
+
+def run(built: Sequence[tuple[Entry, Task]], learned: dict[str, tuple[str, DifferentiableOptimizer]], out: str, *,
+        baselines: Sequence[str] = BASELINES, seeds: Sequence[int] = EVAL_SEEDS,
+        tuning_seeds: Sequence[int] = TUNING_SEEDS, grids: dict[str, tuple[float, float, int]] | None = None,
+        steps: int | None = None, cache: TuningCache | None = None, n_checkpoints: int = 4,
+        progress: bool = True, notes: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate learned optimizers and tuned baselines on the built suite entries.
+
+    Args:
+        built: ``(entry, task)`` pairs from :func:`build_tasks`.
+        learned: saved optimizers from :func:`load_learned`.
+        out: output folder (results.json, results.md, ``<task>.png``, ``tb/``).
+        baselines: short names for :func:`l2o.optim.make`.
+        seeds / tuning_seeds: evaluation and tuning seeds (must not overlap).
+        grids: ``{baseline: (lo, hi, n)}`` learning-rate grids (default :data:`GRIDS`).
+        steps: overrides every entry's number of steps.
+        cache: tuning cache (default: none).
+        n_checkpoints: test loss/accuracy measured at ``k * steps / n_checkpoints``.
+        progress: show progress bars (on a terminal).
+        notes: lines recorded in the results (e.g. skipped tasks).
+
+    Returns:
+        The results dict that was written to ``out/results.json``.
+    """
+    if set(seeds) & set(tuning_seeds):
+        raise ValueError("evaluation and tuning seeds overlap; tuned rates would be judged on their own seeds")
+    unknown = [b for b in baselines if b not in GRIDS and b not in (grids or {})]
+    if unknown:
+        raise ValueError(f"no learning-rate grid for baseline {unknown[0]!r}; choose from {', '.join(GRIDS)}")
+    grids, cache = {**GRIDS, **(grids or {})}, cache or TuningCache(None)
+    os.makedirs(out, exist_ok=True)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"config": {"seeds": list(seeds), "tuning_seeds": list(tuning_seeds), "baselines": list(baselines),
+                                          "grids": {b: list(grids[b]) for b in baselines}, "n_final_batches": 10,
+                                          "checkpoints": {n: p for n, (p, _) in learned.items()}, "runtime_s": None},
+                               "notes": list(notes), "tasks": {}}
+    bar = _bar(len(built) * (len(baselines) + len(learned)) * len(seeds), "evaluate", progress)
+    for entry, task in built:
+        t0, horizon = time.perf_counter(), steps or entry.steps
+        eval_at = sorted({round(k * horizon / n_checkpoints) for k in range(1, n_checkpoints + 1)})
+        runs: dict[str, tuple[Callable[[], DifferentiableOptimizer], dict]] = {}
+        tbar = _bar(sum(grids[b][2] for b in baselines), f"tune {entry.name}", progress, leave=False)
+        for b in baselines:
+            tbar.set_postfix_str(b)
+            tuned = tune(task, entry.task, b, horizon, log_grid(*grids[b]), tuning_seeds, cache,
+                         on_score=lambda lr, s: tbar.update())
+            if tuned["at_edge"]:
+                log(f"note: {entry.name}: {b}'s best learning rate {tuned['lr']:.3g} is at the edge of the grid tried")
+            runs[b] = (lambda b=b, lr=tuned["lr"]: optim.make(b, lr=lr),
+                       {"kind": "baseline", "source": f"l2o.optim.make({b!r})", "lr": tuned["lr"],
+                        "lr_at_edge": tuned["at_edge"], "lr_scores": tuned["scores"]})
+        tbar.close()
+        for name, (path, opt) in learned.items():
+            runs[name] = (lambda opt=opt: opt, {"kind": "learned", "source": path, "lr": opt.hparams().get("lr")})
+        task_res = {"task": entry.task, "description": entry.description, "options": task.config(), "steps": horizon,
+                    "optimizers": {}}
+        for name, (make, info) in runs.items():
+            bar.set_postfix_str(f"{entry.name}/{name}")
+            done = []
+            for s in seeds:
+                done.append(rollout(task, make(), s, horizon, eval_at=eval_at))
+                bar.update()
+            task_res["optimizers"][name] = {**report.clean(info), **report.summarize(done, seeds)}
+        target = task_res["optimizers"].get("adam", {}).get("final_loss", {}).get("mean")
+        for name, o in task_res["optimizers"].items():
+            o["steps_to_adam"] = report.steps_to_reach(o["curve"]["mean"], target)
+            report.write_tensorboard(os.path.join(out, "tb", entry.name, name), o)
+        task_res["runtime_s"] = time.perf_counter() - t0
+        results["tasks"][entry.name] = task_res
+        report.plot_task(os.path.join(out, f"{entry.name}.png"), entry.name, task_res)
+        results["config"]["runtime_s"] = time.perf_counter() - start
+        report.write_tables(out, results)
+    bar.close()
+    return results
