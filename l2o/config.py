@@ -34,6 +34,7 @@ class TrainConfig:
     lstm_layers: int = 2
     inputs: str = "paper"
     output_scale: float = 0.1
+    readout: str = "linear"
     lr: float | None = None                  # initial hyperparameter values (hand-designed optimizers)
     momentum: float | None = None
     decay: float | None = None

@@ -19,6 +19,8 @@ from . import preprocess
 from .base import DifferentiableOptimizer, Params, State
 
 INPUTS = ("paper", "plain", "rich")
+READOUTS = ("linear", "dir_mag")
+MAX_LOG_MAGNITUDE = 8.0  # exp(s) is capped at e^8 so a bad step cannot overflow
 
 
 class LSTMOptimizer(DifferentiableOptimizer):
@@ -35,10 +37,17 @@ class LSTMOptimizer(DifferentiableOptimizer):
         p: preprocessing scale (10 in the paper).
         init_scale: standard deviation of the output layer's initial weights
             (near-zero initial updates).
+        readout: ``linear`` (the paper: ``update = output_scale * w.h``) or ``dir_mag``
+            (direction and log-magnitude, ``update = output_scale * d * exp(s)``, with
+            ``[d, s]`` linear in the top hidden state *and* in the input features). With
+            scale-free ``rich`` inputs, ``dir_mag`` can express updates proportional to
+            the gradient's scale (``exp(s) ~ rms``), i.e. SGD/momentum-like steps, which
+            a bounded linear readout of an LSTM cannot; both start near zero.
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "paper", output_scale: float = 0.1,
-                 p: float = 10.0, init_scale: float = 1e-3, plain_scale: float = 1.0) -> None:
+                 p: float = 10.0, init_scale: float = 1e-3, plain_scale: float = 1.0,
+                 readout: str = "linear") -> None:
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"unknown LSTM inputs {inputs!r}; choose one of {', '.join(INPUTS)}")
@@ -46,8 +55,11 @@ class LSTMOptimizer(DifferentiableOptimizer):
             raise ValueError("hidden, layers, output_scale and p must be positive")
         self.hidden, self.layers, self.inputs = int(hidden), int(layers), inputs
         self.output_scale, self.p, self.plain_scale = float(output_scale), float(p), float(plain_scale)
+        if readout not in READOUTS:
+            raise ValueError(f"unknown LSTM readout {readout!r}; choose one of {', '.join(READOUTS)}")
+        self.readout = readout
         self._config.update(hidden=self.hidden, layers=self.layers, inputs=inputs, output_scale=self.output_scale,
-                            p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale)
+                            p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale, readout=readout)
         n_in = {"paper": 2, "plain": 1, "rich": preprocess.N_RICH}[inputs]
         # One fused weight per layer acting on [x, h]: a single matmul per layer and step.
         # Gate order [input, forget, output, cell]. The cell gate is computed as
@@ -64,9 +76,13 @@ class LSTMOptimizer(DifferentiableOptimizer):
                 lin.weight[3 * hidden:] *= 2.0
                 lin.bias[hidden:2 * hidden] = 1.0  # forget-gate bias 1: remember by default
             self.cells.append(lin)
-        self.out = nn.Linear(hidden, 1)
+        n_out = 1 if readout == "linear" else 2
+        self.out = nn.Linear(hidden, n_out)
         nn.init.normal_(self.out.weight, std=init_scale)
         nn.init.zeros_(self.out.bias)
+        if readout == "dir_mag":  # skip path from the features to [d, s], starts at zero
+            self.skip = nn.Linear(n_in, 2, bias=False)
+            nn.init.zeros_(self.skip.weight)
 
     def init(self, params: Params) -> State:
         n = sum(p.numel() for p in params.values())
@@ -90,6 +106,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
         x, feat_state = self._features(g, state)
         hs, cs = [], []
         H = self.hidden
+        feats = x
         for i, lin in enumerate(self.cells):
             s = torch.sigmoid(torch.addmm(lin.bias, torch.cat([x, state["h"][i]], dim=1), lin.weight.t()))
             ig, fg, og, gg = s.split(H, dim=1)
@@ -97,7 +114,11 @@ class LSTMOptimizer(DifferentiableOptimizer):
             x = og * torch.tanh(c)
             hs.append(x)
             cs.append(c)
-        update = self.out(x).squeeze(1) * self.output_scale
+        if self.readout == "linear":
+            update = self.out(x).squeeze(1) * self.output_scale
+        else:
+            ds = self.out(x) + self.skip(feats)
+            update = ds[:, 0] * torch.exp(ds[:, 1].clamp(max=MAX_LOG_MAGNITUDE)) * self.output_scale
         new_params, offset = {}, 0
         for k in keys:
             n = params[k].numel()
