@@ -7,22 +7,28 @@ lock-step and the online variant can update ``lambda`` every ``K`` steps while t
 tangents keep flowing (Franceschi et al. 2017). Cost grows with the number of
 scalar meta-parameters, so more than ``max_directions`` is refused: use reverse mode.
 
-One step, shared by all directions: the loss and its gradient ``g = dL/dparams`` are
-computed once (with a graph when ``second_order``). The tangent of the gradient,
+One step computes the primal once and then, per direction, two Jacobian-vector
+products with reverse-mode passes only:
 
-    dg . (Z, e_i) = H Z + (d^2 L / dparams dlambda) e_i = d/dparams [ g . Z + dL/dlambda . e_i ],
+* the gradient ``g = dL/dparams``: ``dg . (Z, e_i) = d/dparams [g . Z + dL/dlambda . e_i]``
+  (the Hessian of ``L`` in ``(params, lambda)`` is symmetric), one backward pass
+  through the gradient's graph;
+* the optimizer step ``y = step(x)``: linearised once as ``u -> J^T u`` (a backward
+  pass with ``create_graph``), after which ``J v = d/du [(J^T u) . v]`` is one backward
+  pass per direction (the "double-vjp" trick).
 
-is one extra backward pass per direction (the Hessian of ``L`` in ``(params, lambda)`` is
-symmetric), which on CPU costs about half of forward-over-reverse through
-``torch.autograd.forward_ad``. The optimizer step, cheap and arbitrary (it may be an
-LSTM), is pushed forward with ``forward_ad`` dual numbers.
+Why not ``torch.autograd.forward_ad``: in torch 2.14 every op that mixes a dual tensor
+with a plain one (a constant target, a Python float such as Adam's ``1 - beta1``, an
+optimizer hyperparameter that is not being differentiated) runs a Python meta kernel,
+~1 ms per op on CPU. On the MNIST MLP that made forward mode cost 3.8x plain training
+with Momentum and one meta-parameter, and 8-10x with Adam; with these reverse-mode
+products it costs 2.6-2.7x (see ``benchmarks/hypergrad_cost.py``).
 """
 from __future__ import annotations
 
 from typing import Any, Iterator, Sequence
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..optim.base import substitute
@@ -38,26 +44,67 @@ def _directions(hparams: dict[str, torch.Tensor], max_directions: int) -> list[t
     return [(k, i) for k, v in hparams.items() for i in range(v.numel())]
 
 
-def _dual_tree(primal: Any, tangent: Any) -> Any:
-    leaves, spec = tree_flatten(primal)
-    tans, _ = tree_flatten(tangent)
-    out = [fwAD.make_dual(p, t) if isinstance(p, torch.Tensor) and p.is_floating_point() else p
-           for p, t in zip(leaves, tans)]
-    return tree_unflatten(out, spec)
+def _is_float(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-def _split_tree(tree: Any) -> tuple[Any, Any]:
-    leaves, spec = tree_flatten(tree)
-    prim, tan = [], []
-    for x in leaves:
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            p, t = fwAD.unpack_dual(x)
-            prim.append(p.detach())
-            tan.append(torch.zeros_like(p) if t is None else t.detach())
-        else:
-            prim.append(x)
-            tan.append(x)
-    return tree_unflatten(prim, spec), tree_unflatten(tan, spec)
+class _LinearizedStep:
+    """``opt.step`` at one point, ready for Jacobian-vector products (the double-vjp trick).
+
+    Inputs are ``(params, grads, float leaves of state, hparams)``; outputs the float
+    leaves of ``(new_params, new_state)``. Building the object runs the step once (its
+    result is :attr:`primal`) and one backward pass with ``create_graph``; each
+    :meth:`jvp` is then one more backward pass.
+    """
+
+    def __init__(self, opt, params: Params, grads: Params, state: Any, hparams: dict[str, torch.Tensor]) -> None:
+        self.keys, self.hkeys = list(params), list(hparams)
+        x_p = [params[k].detach().requires_grad_() for k in self.keys]
+        x_g = [grads[k].detach().requires_grad_() for k in self.keys]
+        leaves, spec = tree_flatten(state)
+        x_s = [x.detach().requires_grad_() if _is_float(x) else x for x in leaves]
+        x_h = [hparams[k].detach().requires_grad_() for k in self.hkeys]
+        mapping = {id(hparams[k]): x for k, x in zip(self.hkeys, x_h)}
+        with torch.enable_grad(), substitute(opt, mapping):
+            new_p, new_s = opt.step(dict(zip(self.keys, x_p)), dict(zip(self.keys, x_g)), tree_unflatten(x_s, spec))
+        out, self.out_spec = tree_flatten((new_p, new_s))
+        self.primal = tree_unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in out], self.out_spec)
+        self.out = out
+        self.n_p, self.n_s = len(x_p), sum(_is_float(x) for x in x_s)
+        self.ins = x_p + x_g + [x for x in x_s if _is_float(x)] + x_h
+        self.ys = [i for i, y in enumerate(out) if _is_float(y) and y.requires_grad]
+        self.u = [torch.zeros_like(out[i], requires_grad=True) for i in self.ys]
+        with torch.enable_grad():
+            self.vjp = (torch.autograd.grad([out[i] for i in self.ys], self.ins, grad_outputs=self.u,
+                                            create_graph=True, allow_unused=True)
+                        if self.ys else [None] * len(self.ins))
+
+    def jvp(self, t_params: Params, t_grads: Params, t_state: Any, name: str, i: int) -> tuple[Params, Any]:
+        """Tangent of ``(new_params, new_state)`` for input tangents and ``lambda`` direction ``(name, i)``."""
+        t_h = []
+        for k in self.hkeys:
+            if k == name:
+                e = torch.zeros_like(self.ins[-len(self.hkeys) + self.hkeys.index(k)])
+                e.view(-1)[i] = 1.0
+                t_h.append(e)
+            else:
+                t_h.append(None)
+        t_s = [x for x in tree_flatten(t_state)[0] if _is_float(x)]
+        tans = [t_params[k] for k in self.keys] + [t_grads.get(k) for k in self.keys] + t_s + t_h
+        pairs = [(v, t) for v, t in zip(self.vjp, tans) if v is not None and t is not None and v.requires_grad]
+        ju: list = [None] * len(self.u)
+        if pairs:
+            ju = list(torch.autograd.grad([v for v, _ in pairs], self.u, grad_outputs=[t for _, t in pairs],
+                                          retain_graph=True, allow_unused=True))
+        by_out = dict(zip(self.ys, ju))
+        leaves = []
+        for j, y in enumerate(self.out):
+            if _is_float(y):
+                tj = by_out.get(j)
+                leaves.append(torch.zeros_like(y).detach() if tj is None else tj.detach())
+            else:
+                leaves.append(y)
+        return tree_unflatten(leaves, self.out_spec)
 
 
 def _zeros_tree(tree: Any) -> Any:
@@ -98,15 +145,6 @@ class ForwardUnroll:
         self.t = 0
         self.losses: list[float] = []
 
-    def _hparam_duals(self, name: str, i: int) -> dict[str, torch.Tensor]:
-        out = {}
-        for k, v in self.hparams.items():
-            t = torch.zeros_like(v)
-            if k == name:
-                t.view(-1)[i] = 1.0
-            out[k] = fwAD.make_dual(v.detach(), t)
-        return out
-
     def run(self, steps: int) -> None:
         """Advance every direction by ``steps`` inner steps."""
         check_steps(steps)
@@ -126,8 +164,7 @@ class ForwardUnroll:
         grads = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in g_p.items()}
         lv = float(loss.detach())
         w = weight_at(self.meta_weights, self.t)
-        primal = {k: v.detach() for k, v in p.items()}
-        new_primal = None
+        step = _LinearizedStep(self.opt, self.params, grads, self.state, self.hparams)
         for d, (name, i) in enumerate(self.dirs):
             tp, ts = self.tangents[d]
             if w is not None:  # d loss_t / d lambda_i = g . Z + dL/dlambda . e_i
@@ -136,20 +173,8 @@ class ForwardUnroll:
                     lt += float(g_h[name].detach().reshape(-1)[i])
                 self.meta_tangent[d] += float(w) * lt
             g_tan = self._gradient_tangent(p, g_p, g_h, tp, name, i) if self.second_order else {}
-            with fwAD.dual_level():
-                hd = self._hparam_duals(name, i)
-                mapping = {id(self.hparams[k]): hd[k] for k in hkeys}
-                pd = {k: fwAD.make_dual(primal[k], tp[k]) for k in keys}
-                gd = {k: (fwAD.make_dual(grads[k], g_tan[k]) if k in g_tan else grads[k]) for k in keys}
-                sd = _dual_tree(self.state, ts)
-                with substitute(self.opt, mapping):
-                    p2, s2 = self.opt.step(pd, gd, sd)
-                pp, tp2 = _split_tree(p2)
-                ps, ts2 = _split_tree(s2)
-            self.tangents[d] = (tp2, ts2)
-            if new_primal is None:
-                new_primal = (pp, ps)
-        self.params, self.state = new_primal
+            self.tangents[d] = step.jvp(tp, g_tan, ts, name, i)
+        self.params, self.state = step.primal
         if w is not None:
             self.meta_loss += float(w) * lv
         self.losses.append(lv)

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, unroll
+from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, unroll, weight_at
 
 
 @dataclass
@@ -73,7 +73,11 @@ def segments(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params
         state = opt.init(params)
     while t < end:
         k = min(truncate, end - t)
-        res = unroll(inner_loss, params, hparams, opt, k, state=state, start=t, graph=True,
+        # a segment with nothing to differentiate (only a final outer loss, and this is not
+        # the last segment) has a zero gradient: run it without a graph
+        has_objective = ((outer_loss is not None and t + k == end) or
+                         any(weight_at(meta_weights, s) is not None for s in range(t, t + k)))
+        res = unroll(inner_loss, params, hparams, opt, k, state=state, start=t, graph=has_objective,
                      second_order=second_order, meta_weights=meta_weights)
         objective = res.meta_loss
         if res.finite and outer_loss is not None and t + k == end:
@@ -85,8 +89,11 @@ def segments(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params
             grads, finite = {k_: torch.zeros_like(v) for k_, v in hparams.items()}, False
         t += k
         params, state = detach(res.params), detach(res.state)
-        yield Segment(grads, float(objective.detach()) if isinstance(objective, torch.Tensor) else float(objective),
-                      params, state, t, res.losses, finite)
+        meta_loss = float(objective.detach()) if isinstance(objective, torch.Tensor) else float(objective)
+        losses = res.losses
+        # drop this segment's graph now, not when the next segment has been built on top of it
+        del res, objective
+        yield Segment(grads, meta_loss, params, state, t, losses, finite)
         if not finite:
             return
 
