@@ -53,13 +53,15 @@ class WeightDecay(DifferentiableOptimizer):
 
             base = from_config(base)
         if not isinstance(base, DifferentiableOptimizer):
-            raise TypeError(f"WeightDecay wraps a DifferentiableOptimizer or its config dict, got {type(base).__name__}")
+            raise TypeError(f"WeightDecay wraps a DifferentiableOptimizer or its config dict, "
+                            f"got {type(base).__name__}")
         self.base = base
         self._shapes: dict[str, list[int]] | None = None
         self._keys: dict[str, str] = {}
         if isinstance(weight_decay, (torch.Tensor, dict)):
             if shapes is not None:
-                raise ValueError("WeightDecay: shapes apply only to a numeric weight_decay (its learnable per-weight form)")
+                raise ValueError("WeightDecay: shapes apply only to a numeric weight_decay "
+                                 "(its learnable per-weight form)")
             self._hparam("weight_decay", weight_decay, "positive")
             self._init_value = float(torch.stack([torch.as_tensor(v).detach().float().mean() for v in
                                                   (weight_decay.values() if isinstance(weight_decay, dict)
