@@ -49,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--inputs", default=d.inputs, help="LSTM inputs: paper (log/sign gradient), plain, rich (momenta + normalised gradient) (default %(default)s)")
     g.add_argument("--readout", default=d.readout, help="LSTM readout: linear (the paper) or dir_mag (direction x exp(log-magnitude), "
                    "with a skip path from the inputs) (default %(default)s)")
+    g.add_argument("--skip-gain", type=float, default=d.skip_gain, help="gain of the dir_mag skip path (a larger meta "
+                   "learning rate for the step-size weights) (default %(default)s)")
     g.add_argument("--lstm-hidden", type=int, default=d.lstm_hidden, help="LSTM width (default %(default)s)")
     g.add_argument("--lstm-layers", type=int, default=d.lstm_layers, help="LSTM layers (default %(default)s)")
     g.add_argument("--output-scale", type=float, default=d.output_scale, help="LSTM output scale (default %(default)s)")

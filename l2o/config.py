@@ -35,6 +35,7 @@ class TrainConfig:
     inputs: str = "paper"
     output_scale: float = 0.1
     readout: str = "linear"
+    skip_gain: float = 1.0
     lr: float | None = None                  # initial hyperparameter values (hand-designed optimizers)
     momentum: float | None = None
     decay: float | None = None

@@ -42,7 +42,7 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
         with torch.random.fork_rng(devices=[]):  # initial weights depend on the run seed only
             torch.manual_seed(cfg.seed)
             return optim.LSTMOptimizer(cfg.lstm_hidden, cfg.lstm_layers, cfg.inputs, cfg.output_scale,
-                                        readout=cfg.readout)
+                                        readout=cfg.readout, skip_gain=cfg.skip_gain)
     kw = {k: getattr(cfg, k) for k in ("lr", "momentum", "decay") if getattr(cfg, k) is not None}
     base = optim.make(cfg.optimizer, **kw)
     learn = list(cfg.learn) if cfg.learn is not None else None

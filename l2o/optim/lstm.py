@@ -23,6 +23,7 @@ READOUTS = ("linear", "dir_mag")
 MAX_LOG_MAGNITUDE = 8.0  # exp(s) is capped at e^8 so a bad step cannot overflow
 
 
+
 class LSTMOptimizer(DifferentiableOptimizer):
     """Coordinatewise learned optimizer.
 
@@ -43,11 +44,15 @@ class LSTMOptimizer(DifferentiableOptimizer):
             scale-free ``rich`` inputs, ``dir_mag`` can express updates proportional to
             the gradient's scale (``exp(s) ~ rms``), i.e. SGD/momentum-like steps, which
             a bounded linear readout of an LSTM cannot; both start near zero.
+        skip_gain: the skip path's weights are used multiplied by this gain. Under Adam as
+            the outer optimizer a gain of g is a g-times larger meta learning rate for
+            the handful of weights that set the overall step size and its dependence on
+            the gradient's scale, which otherwise need thousands of meta-steps to move by O(1).
     """
 
     def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "paper", output_scale: float = 0.1,
                  p: float = 10.0, init_scale: float = 1e-3, plain_scale: float = 1.0,
-                 readout: str = "linear") -> None:
+                 readout: str = "linear", skip_gain: float = 1.0) -> None:
         super().__init__()
         if inputs not in INPUTS:
             raise ValueError(f"unknown LSTM inputs {inputs!r}; choose one of {', '.join(INPUTS)}")
@@ -57,9 +62,10 @@ class LSTMOptimizer(DifferentiableOptimizer):
         self.output_scale, self.p, self.plain_scale = float(output_scale), float(p), float(plain_scale)
         if readout not in READOUTS:
             raise ValueError(f"unknown LSTM readout {readout!r}; choose one of {', '.join(READOUTS)}")
-        self.readout = readout
+        self.readout, self.skip_gain = readout, float(skip_gain)
         self._config.update(hidden=self.hidden, layers=self.layers, inputs=inputs, output_scale=self.output_scale,
-                            p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale, readout=readout)
+                            p=self.p, init_scale=float(init_scale), plain_scale=self.plain_scale, readout=readout,
+                            skip_gain=self.skip_gain)
         n_in = {"paper": 2, "plain": 1, "rich": preprocess.N_RICH}[inputs]
         # One fused weight per layer acting on [x, h]: a single matmul per layer and step.
         # Gate order [input, forget, output, cell]. The cell gate is computed as
@@ -117,7 +123,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
         if self.readout == "linear":
             update = self.out(x).squeeze(1) * self.output_scale
         else:
-            ds = self.out(x) + self.skip(feats)
+            ds = self.out(x) + self.skip_gain * self.skip(feats)
             update = ds[:, 0] * torch.exp(ds[:, 1].clamp(max=MAX_LOG_MAGNITUDE)) * self.output_scale
         new_params, offset = {}, 0
         for k in keys:
