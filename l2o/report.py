@@ -116,10 +116,10 @@ def load_results(path: str) -> dict[str, Any]:
     return results
 
 
-def _pm(stat: dict | None, scale: float = 1.0, fmt: str = "{:.4g}") -> str:
+def _pm(stat: dict | None, scale: float = 1.0, fmt: str = "{:.4g}", std_fmt: str = "{:.2g}") -> str:
     if not stat or stat.get("mean") is None:
         return "—"
-    return f"{fmt.format(stat['mean'] * scale)} ± {fmt.format(stat['std'] * scale)}"
+    return f"{fmt.format(stat['mean'] * scale)} ± {std_fmt.format(stat['std'] * scale)}"
 
 
 def _lr(opt: dict) -> str:
@@ -141,15 +141,15 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     for note in results.get("notes", []):
         lines += [f"- {note}", ""]
+    header = "| optimizer | lr | final train loss | test loss | test accuracy (%) | steps to Adam's loss | diverged |"
     for name, task in results.get("tasks", {}).items():
         lines += [f"## {name}: {task.get('description', task['task'])}, {task['steps']} steps", "",
-                  "| optimizer | lr | final train loss | test loss | test accuracy (%) | steps to Adam's loss | diverged |",
-                  "|---|---|---|---|---|---|---|"]
+                  header, "|---|---|---|---|---|---|---|"]
         for opt_name, o in task["optimizers"].items():
-            reach = o.get("steps_to_adam")
-            lines.append(f"| {opt_name} | {_lr(o)} | {_pm(o['final_loss'])} | {_pm(o['test_loss'])} | "
-                         f"{_pm(o['test_accuracy'], 100.0, '{:.2f}')} | {'—' if reach is None else reach} | "
-                         f"{o['diverged']}/{len(o['seeds'])} |")
+            reach = "—" if o.get("steps_to_adam") is None else o["steps_to_adam"]
+            accuracy = _pm(o["test_accuracy"], 100.0, "{:.2f}", "{:.2f}")
+            lines.append(f"| {opt_name} | {_lr(o)} | {_pm(o['final_loss'])} | {_pm(o['test_loss'])} | {accuracy} | "
+                         f"{reach} | {o['diverged']}/{len(o['seeds'])} |")
         lines.append("")
     if cfg.get("runtime_s") is not None:
         lines.append(f"Evaluated in {cfg['runtime_s']:.0f} s.")
@@ -194,7 +194,7 @@ def plot_task(path: str, name: str, task: dict[str, Any]) -> None:
 
 
 def write_tensorboard(folder: str, opt: dict[str, Any]) -> None:
-    """One TensorBoard run for one optimizer on one task (tags shared by all runs, so they overlay).
+    """One TensorBoard run for one optimizer on one task (the same tags in every run, so they overlay).
 
     ``train/loss`` per step (seed mean), ``test/loss`` and ``test/accuracy`` at the
     checkpoints, ``final/train_loss`` at the last step. Event files of an earlier

@@ -10,7 +10,6 @@ TensorBoard run per optimizer under ``tb/<task>/<optimizer>``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
@@ -91,13 +90,16 @@ def build_tasks(entries: Sequence[Entry], data_dir: str | None = None, device: s
     return built
 
 
-def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu") -> dict[str, tuple[str, DifferentiableOptimizer]]:
+Learned = dict[str, tuple[str, DifferentiableOptimizer]]  # display name -> (checkpoint path, optimizer)
+
+
+def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu") -> Learned:
     """Saved optimizers by display name (the file stem, made unique): ``{name: (path, optimizer)}``.
 
     Raises:
         l2o.checkpoint.CheckpointError: a file is missing, unreadable or not an l2o checkpoint.
     """
-    out: dict[str, tuple[str, DifferentiableOptimizer]] = {}
+    out: Learned = {}
     for path in paths:
         opt = checkpoint.build_optimizer(checkpoint.load(path, map_location=device), which).to(device)
         stem = os.path.splitext(os.path.basename(path))[0]
@@ -165,7 +167,9 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
     hit = cache.get(key)
     if hit is not None:
         return {**hit, "cached": True}
-    best, scores = tune_lr(task, lambda lr: optim.make(name, lr=lr), grid, seeds, steps, extend=EXTEND, on_score=on_score)
+    device = getattr(task, "device", "cpu")
+    best, scores = tune_lr(task, lambda lr: optim.make(name, lr=lr).to(device), grid, seeds, steps, extend=EXTEND,
+                           on_score=on_score)
     tried = sorted(scores)
     value = {"lr": best, "scores": [[lr, scores[lr]] for lr in tried],
              "at_edge": len(tried) > 1 and best in (tried[0], tried[-1])}
@@ -180,7 +184,7 @@ def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
     return tqdm(total=total, desc=desc, leave=leave, disable=None if enabled else True, dynamic_ncols=True)
 
 
-def run(built: Sequence[tuple[Entry, Task]], learned: dict[str, tuple[str, DifferentiableOptimizer]], out: str, *,
+def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
         baselines: Sequence[str] = BASELINES, seeds: Sequence[int] = EVAL_SEEDS,
         tuning_seeds: Sequence[int] = TUNING_SEEDS, grids: dict[str, tuple[float, float, int]] | None = None,
         steps: int | None = None, cache: TuningCache | None = None, n_checkpoints: int = 4,
@@ -199,6 +203,7 @@ def run(built: Sequence[tuple[Entry, Task]], learned: dict[str, tuple[str, Diffe
         n_checkpoints: test loss/accuracy measured at ``k * steps / n_checkpoints``.
         progress: show progress bars (on a terminal).
         notes: lines recorded in the results (e.g. skipped tasks).
+        log: where one-line notes go (a best rate at the edge of its grid).
 
     Returns:
         The results dict that was written to ``out/results.json``.
@@ -211,30 +216,19 @@ def run(built: Sequence[tuple[Entry, Task]], learned: dict[str, tuple[str, Diffe
     grids, cache = {**GRIDS, **(grids or {})}, cache or TuningCache(None)
     os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
-    results: dict[str, Any] = {"config": {"seeds": list(seeds), "tuning_seeds": list(tuning_seeds), "baselines": list(baselines),
-                                          "grids": {b: list(grids[b]) for b in baselines}, "n_final_batches": 10,
-                                          "checkpoints": {n: p for n, (p, _) in learned.items()}, "runtime_s": None},
-                               "notes": list(notes), "tasks": {}}
+    config = {"seeds": list(seeds), "tuning_seeds": list(tuning_seeds), "baselines": list(baselines),
+              "grids": {b: list(grids[b]) for b in baselines}, "n_final_batches": 10,
+              "checkpoints": {n: p for n, (p, _) in learned.items()}, "runtime_s": None}
+    results: dict[str, Any] = {"config": config, "notes": list(notes), "tasks": {}}
     bar = _bar(len(built) * (len(baselines) + len(learned)) * len(seeds), "evaluate", progress)
     for entry, task in built:
         t0, horizon = time.perf_counter(), steps or entry.steps
-        eval_at = sorted({round(k * horizon / n_checkpoints) for k in range(1, n_checkpoints + 1)})
-        runs: dict[str, tuple[Callable[[], DifferentiableOptimizer], dict]] = {}
-        tbar = _bar(sum(grids[b][2] for b in baselines), f"tune {entry.name}", progress, leave=False)
-        for b in baselines:
-            tbar.set_postfix_str(b)
-            tuned = tune(task, entry.task, b, horizon, log_grid(*grids[b]), tuning_seeds, cache,
-                         on_score=lambda lr, s: tbar.update())
-            if tuned["at_edge"]:
-                log(f"note: {entry.name}: {b}'s best learning rate {tuned['lr']:.3g} is at the edge of the grid tried")
-            runs[b] = (lambda b=b, lr=tuned["lr"]: optim.make(b, lr=lr),
-                       {"kind": "baseline", "source": f"l2o.optim.make({b!r})", "lr": tuned["lr"],
-                        "lr_at_edge": tuned["at_edge"], "lr_scores": tuned["scores"]})
-        tbar.close()
+        runs = _tuned_baselines(entry, task, horizon, baselines, grids, tuning_seeds, cache, progress, log)
         for name, (path, opt) in learned.items():
             runs[name] = (lambda opt=opt: opt, {"kind": "learned", "source": path, "lr": opt.hparams().get("lr")})
-        task_res = {"task": entry.task, "description": entry.description, "options": task.config(), "steps": horizon,
-                    "optimizers": {}}
+        task_res = {"task": entry.task, "description": entry.description, "options": task.config(),
+                    "steps": horizon, "optimizers": {}}
+        eval_at = sorted({round(k * horizon / n_checkpoints) for k in range(1, n_checkpoints + 1)})
         for name, (make, info) in runs.items():
             bar.set_postfix_str(f"{entry.name}/{name}")
             done = []
@@ -249,7 +243,27 @@ def run(built: Sequence[tuple[Entry, Task]], learned: dict[str, tuple[str, Diffe
         task_res["runtime_s"] = time.perf_counter() - t0
         results["tasks"][entry.name] = task_res
         report.plot_task(os.path.join(out, f"{entry.name}.png"), entry.name, task_res)
-        results["config"]["runtime_s"] = time.perf_counter() - start
-        report.write_tables(out, results)
+        config["runtime_s"] = time.perf_counter() - start
+        report.write_tables(out, results)  # after every task: an interrupted run keeps what it finished
     bar.close()
     return results
+
+
+def _tuned_baselines(entry: Entry, task: Task, steps: int, baselines: Sequence[str], grids: dict,
+                     tuning_seeds: Sequence[int], cache: TuningCache, progress: bool,
+                     log: Callable[[str], None]) -> dict[str, tuple[Callable, dict]]:
+    """``{baseline: (make_optimizer, report_info)}`` with each learning rate tuned (or read from the cache)."""
+    runs: dict[str, tuple[Callable, dict]] = {}
+    device = getattr(task, "device", "cpu")
+    tbar = _bar(sum(grids[b][2] for b in baselines), f"tune {entry.name}", progress, leave=False)
+    for b in baselines:
+        tbar.set_postfix_str(b)
+        tuned = tune(task, entry.task, b, steps, log_grid(*grids[b]), tuning_seeds, cache,
+                     on_score=lambda lr, score: tbar.update())
+        if tuned["at_edge"]:
+            log(f"note: {entry.name}: {b}'s best learning rate {tuned['lr']:.3g} is at the edge of the grid tried")
+        runs[b] = (lambda b=b, lr=tuned["lr"]: optim.make(b, lr=lr).to(device),
+                   {"kind": "baseline", "source": f"l2o.optim.make({b!r})", "lr": tuned["lr"],
+                    "lr_at_edge": tuned["at_edge"], "lr_scores": tuned["scores"]})
+    tbar.close()
+    return runs
