@@ -32,9 +32,9 @@ class TrainConfig:
     learn: list[str] | None = None           # hyperparameters to learn (hand-designed optimizers); None = all
     lstm_hidden: int = 20
     lstm_layers: int = 2
-    inputs: str = "paper"
+    inputs: str = "rich"
     output_scale: float = 0.1
-    readout: str = "linear"
+    readout: str = "dir_mag"
     skip_gain: float = 1.0
     lr: float | None = None                  # initial hyperparameter values (hand-designed optimizers)
     momentum: float | None = None
@@ -51,7 +51,7 @@ class TrainConfig:
     meta_batch: int = 1
     implicit_iters: int = 10
     # outer loop
-    meta_steps: int = 300
+    meta_steps: int = 200
     outer_optimizer: str = "adam"
     outer_lr: float = 1e-3
     lr_schedule: str = "cosine"
