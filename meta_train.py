@@ -84,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--name", help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
     g.add_argument("--log-dir", default=d.log_dir, help="TensorBoard root (default %(default)s)")
     g.add_argument("--checkpoint", help="checkpoint path (default checkpoints/<name>.pt)")
+    g.add_argument("--init-from", help="start from the best weights of another checkpoint (e.g. a shorter-truncation stage)")
     g.add_argument("--resume", action="store_true", help="continue the run stored in the checkpoint")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N meta-steps of this invocation")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -65,6 +65,7 @@ class TrainConfig:
     name: str | None = None
     log_dir: str = "runs"
     checkpoint: str | None = None
+    init_from: str | None = None             # start from the (best) weights of another checkpoint
     extra: dict[str, Any] = field(default_factory=dict)
 
     # keys that may differ between an interrupted run and its resumption

@@ -285,6 +285,11 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
     elif os.path.exists(path):
         raise UsageError(f"checkpoint {path!r} exists; pass --resume to continue it, or --name / --checkpoint "
                          f"for a new run (nothing was overwritten)")
+    elif cfg.init_from:  # a curriculum stage: start from another run's best weights
+        src = ckpt_io.load_optimizer(cfg.init_from, cfg.device)
+        if src.config() != trainer.opt.config():
+            raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
+        trainer.opt.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:
         raise UsageError(f"the checkpoint has already run {trainer.meta_step} of {cfg.meta_steps} meta-steps; "
                          f"raise --meta-steps to train longer")

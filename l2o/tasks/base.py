@@ -114,6 +114,26 @@ class ModuleTask(Task):
         return self
 
 
+class DatasetTask(ModuleTask):
+    """A :class:`ModuleTask` trained on minibatches of an in-memory dataset (``self.batch_size``)."""
+
+    batch_size: int
+
+    def load_splits(self, dataset: str, data_dir: str | None) -> None:
+        from . import data
+
+        self._splits = {s: data.load(dataset, s, data_dir, self.device) for s in ("train", "test")}
+
+    def batch(self, split: str, generator: torch.Generator) -> Batch:
+        _check_split(split)
+        return self._splits[split].sample(self.batch_size, generator)
+
+    def full_batch(self, split: str) -> Batch:
+        _check_split(split)
+        ds = self._splits[split]
+        return ds.x, ds.y
+
+
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy written with log_softmax (forward-mode AD safe)."""
     return -logits.log_softmax(-1).gather(-1, y[:, None]).mean()

@@ -1,11 +1,9 @@
 """The L2L paper's CIFAR-10 optimizee: three conv layers and a 32-unit hidden layer."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from . import data
-from .base import Batch, ModuleTask, _check_split, cross_entropy
+from .base import DatasetTask, cross_entropy
 
 
 def build_conv(channels: int = 16, hidden: int = 32) -> nn.Module:
@@ -18,7 +16,7 @@ def build_conv(channels: int = 16, hidden: int = 32) -> nn.Module:
     )
 
 
-class ConvTask(ModuleTask):
+class ConvTask(DatasetTask):
     """Small convnet on CIFAR-10 (full release or any ``cifar-10-batches-py`` subset)."""
 
     name = "cifar10_conv"
@@ -30,16 +28,7 @@ class ConvTask(ModuleTask):
         self.channels, self.hidden, self.batch_size, self.data_dir = int(channels), int(hidden), int(batch_size), data_dir
         super().__init__(lambda: build_conv(self.channels, self.hidden), cross_entropy)
         self.to(device)
-        self._splits = {s: data.load("cifar10", s, data_dir, self.device) for s in ("train", "test")}
-
-    def batch(self, split: str, generator: torch.Generator) -> Batch:
-        _check_split(split)
-        return self._splits[split].sample(self.batch_size, generator)
-
-    def full_batch(self, split: str) -> Batch:
-        _check_split(split)
-        ds = self._splits[split]
-        return ds.x, ds.y
+        self.load_splits("cifar10", data_dir)
 
     def config(self) -> dict:
         return {"channels": self.channels, "hidden": self.hidden, "batch_size": self.batch_size}

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from . import data
-from .base import Batch, ModuleTask, _check_split, cross_entropy
+from .base import DatasetTask, cross_entropy
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -22,7 +20,7 @@ def build_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str)
     return nn.Sequential(*layers)
 
 
-class MLPTask(ModuleTask):
+class MLPTask(DatasetTask):
     """Cross-entropy MLP on 28x28 grey images.
 
     Args:
@@ -45,16 +43,7 @@ class MLPTask(ModuleTask):
         self.name = f"{dataset}_mlp"
         super().__init__(lambda: build_mlp(28 * 28, hidden, 10, activation), cross_entropy)
         self.to(device)
-        self._splits = {s: data.load(dataset, s, data_dir, self.device) for s in ("train", "test")}
-
-    def batch(self, split: str, generator: torch.Generator) -> Batch:
-        _check_split(split)
-        return self._splits[split].sample(self.batch_size, generator)
-
-    def full_batch(self, split: str) -> Batch:
-        _check_split(split)
-        ds = self._splits[split]
-        return ds.x, ds.y
+        self.load_splits(dataset, data_dir)
 
     def config(self) -> dict:
         return {"hidden": list(self.hidden), "activation": self.activation, "batch_size": self.batch_size}
