@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .evaluate import Rollout
+from .speedup import add_speedups, format_speedup, geomean_speedups  # noqa: F401 (suite calls them from here)
 
 FORMAT, VERSION = "l2o-eval", 1
 
@@ -41,30 +42,6 @@ def _stats(values: Sequence[float | None]) -> dict[str, float | None]:
     if v.size == 0:
         return {"mean": None, "std": None}
     return {"mean": float(v.mean()), "std": float(v.std())}
-
-
-def _smooth(curve: np.ndarray, window: int) -> np.ndarray:
-    """Centred moving average (shrinking at the ends); NaN stays NaN-tainted."""
-    h = window // 2
-    c = np.concatenate([[0.0], np.cumsum(curve)])
-    idx = np.arange(len(curve))
-    lo, hi = np.maximum(idx - h, 0), np.minimum(idx + h + 1, len(curve))
-    return (c[hi] - c[lo]) / (hi - lo)
-
-
-def steps_to_reach(curve_mean: Sequence[float | None], target: float | None, window: int | None = None) -> int | None:
-    """First step at which the seed-averaged training curve reaches ``target``.
-
-    The curve is smoothed by a centred moving average over ``window`` steps (default
-    5% of the horizon) so one lucky minibatch does not count. Returns the number of
-    steps taken, or None if the curve never gets there (or there is no target).
-    """
-    if target is None or not curve_mean:
-        return None
-    curve = np.array([np.nan if v is None else v for v in curve_mean], dtype=float)
-    window = window or max(1, round(0.05 * len(curve)))
-    hit = np.nonzero(_smooth(curve, window) <= target)[0]  # NaN compares False
-    return int(hit[0]) if hit.size else None
 
 
 def summarize(runs: Sequence[Rollout], seeds: Sequence[int]) -> dict[str, Any]:
@@ -141,19 +118,35 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     for note in results.get("notes", []):
         lines += [f"- {note}", ""]
-    header = "| optimizer | lr | final train loss | test loss | test accuracy (%) | steps to Adam's loss | diverged |"
+    header = ("| optimizer | lr | final train loss | test loss | test accuracy (%) | steps to Adam's loss | "
+              "speedup vs Adam | diverged |")
     for name, task in results.get("tasks", {}).items():
         lines += [f"## {name}: {task.get('description', task['task'])}, {task['steps']} steps", "",
-                  header, "|---|---|---|---|---|---|---|"]
+                  header, "|---|---|---|---|---|---|---|---|"]
         for opt_name, o in task["optimizers"].items():
-            reach = "—" if o.get("steps_to_adam") is None else o["steps_to_adam"]
+            reach = "—" if o.get("steps_to_adam") is None else f"{o['steps_to_adam']:.1f}"
             accuracy = _pm(o["test_accuracy"], 100.0, "{:.2f}", "{:.2f}")
             lines.append(f"| {opt_name} | {_lr(o)} | {_pm(o['final_loss'])} | {_pm(o['test_loss'])} | {accuracy} | "
-                         f"{reach} | {o['diverged']}/{len(o['seeds'])} |")
+                         f"{reach} | {format_speedup(o.get('speedup_vs_adam'), task['steps'])} | "
+                         f"{o['diverged']}/{len(o['seeds'])} |")
         lines.append("")
+    lines += _geomean_section(results.get("speedup_vs_adam"))
     if cfg.get("runtime_s") is not None:
         lines.append(f"Evaluated in {cfg['runtime_s']:.0f} s.")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _geomean_section(geo: dict[str, Any] | None) -> list[str]:
+    """The summary table of :func:`geomean_speedups` (nothing when there is none, e.g. Adam not evaluated)."""
+    if not geo:
+        return []
+    lines = ["## Speedup over tuned Adam, geometric mean over tasks", "",
+             "| optimizer | geometric mean | tasks | ahead of Adam | at a bound (≥ T or ≤ 1/T) |", "|---|---|---|---|---|"]
+    for name, g in geo.items():
+        mean = "—" if g["geomean"] is None else f"{g['geomean']:.3g}x"
+        tasks = f"{g['tasks']}" + (f" ({g['undefined']} undefined: both diverged)" if g["undefined"] else "")
+        lines.append(f"| {name} | {mean} | {tasks} | {g['ahead']}/{g['tasks']} | {g['bounds']} |")
+    return lines + [""]
 
 
 def write_tables(out: str, results: dict[str, Any]) -> str:
@@ -179,16 +172,57 @@ def plot_task(path: str, name: str, task: dict[str, Any]) -> None:
                         for k in ("mean", "q25", "q75"))
         steps = np.arange(len(mean))
         label = opt_name + (f" (lr {o['lr']:.3g})" if o.get("lr") is not None else "")
+        if o.get("speedup_vs_adam") is not None and opt_name != "adam":
+            label += f", {format_speedup(o['speedup_vs_adam'], task['steps'])} vs Adam"
         if o["diverged"]:
             label += f", {o['diverged']}/{len(o['seeds'])} diverged"
         line, = ax.plot(steps, mean, label=label, lw=1.5)
         ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+    adam_final = task["optimizers"].get("adam", {}).get("final_loss", {}).get("mean")
+    if adam_final is not None:  # the loss the speedups are measured against
+        ax.axhline(adam_final, color="0.3", ls=":", lw=1, label="Adam's final loss")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (minibatch)")
     ax.set_title(f"{name}: {task.get('description', task['task'])}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_speedups(path: str, results: dict[str, Any]) -> None:
+    """``path``: each optimizer's speedup over tuned Adam per task (log scale), its geometric mean in the legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from matplotlib.ticker import FuncFormatter
+
+    geo = results.get("speedup_vs_adam") or {}
+    names = list(results.get("tasks", {}))
+    fig = Figure(figsize=(max(6.0, 1.0 + 0.9 * len(names)), 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(geo))
+    for k, (opt_name, g) in enumerate(geo.items()):
+        values = [results["tasks"][n]["optimizers"].get(opt_name, {}).get("speedup_vs_adam") for n in names]
+        x = [i + (k - (len(geo) - 1) / 2) * width for i in range(len(names))]
+        mean = "—" if g["geomean"] is None else f"{g['geomean']:.3g}x"
+        heights = [np.nan if v is None else v - 1.0 for v in values]  # bars from 1 up (ahead) or down (behind)
+        bars = ax.bar(x, heights, width, bottom=1.0, label=f"{opt_name} (geometric mean {mean})")
+        ax.bar_label(bars, [format_speedup(v, results["tasks"][n]["steps"]) for v, n in zip(values, names)], fontsize=7)
+    ax.axhline(1.0, color="0.3", lw=1)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speedup (log scale)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.set_title("speedup over tuned Adam per task\n> 1: fewer steps to Adam's final loss; "
+                 "< 1: Adam needs fewer to this one's final loss", fontsize=9)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    if geo:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -4,8 +4,9 @@
 named ``(task, options, steps)``. :func:`run` tunes every baseline's learning rate per
 task on tuning seeds (cached on disk), runs every optimizer on the evaluation seeds
 (same problems, initialisations and minibatches for all), and writes the report as it
-goes: ``results.json`` / ``results.md`` after each task, ``<task>.png`` and one
-TensorBoard run per optimizer under ``tb/<task>/<optimizer>``.
+goes: ``results.json`` / ``results.md`` after each task, ``<task>.png``, ``speedup.png``
+(speedups over tuned Adam, :mod:`l2o.speedup`) and one TensorBoard run per optimizer
+under ``tb/<task>/<optimizer>``.
 """
 from __future__ import annotations
 
@@ -194,7 +195,7 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
     Args:
         built: ``(entry, task)`` pairs from :func:`build_tasks`.
         learned: saved optimizers from :func:`load_learned`.
-        out: output folder (results.json, results.md, ``<task>.png``, ``tb/``).
+        out: output folder (results.json, results.md, ``<task>.png``, ``speedup.png``, ``tb/``).
         baselines: short names for :func:`l2o.optim.make`.
         seeds / tuning_seeds: evaluation and tuning seeds (must not overlap).
         grids: ``{baseline: (lo, hi, n)}`` learning-rate grids (default :data:`GRIDS`).
@@ -236,13 +237,14 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
                 done.append(rollout(task, make(), s, horizon, eval_at=eval_at))
                 bar.update()
             task_res["optimizers"][name] = {**report.clean(info), **report.summarize(done, seeds)}
-        target = task_res["optimizers"].get("adam", {}).get("final_loss", {}).get("mean")
+        report.add_speedups(task_res)
         for name, o in task_res["optimizers"].items():
-            o["steps_to_adam"] = report.steps_to_reach(o["curve"]["mean"], target)
             report.write_tensorboard(os.path.join(out, "tb", entry.name, name), o)
         task_res["runtime_s"] = time.perf_counter() - t0
         results["tasks"][entry.name] = task_res
+        results["speedup_vs_adam"] = report.geomean_speedups(results["tasks"])
         report.plot_task(os.path.join(out, f"{entry.name}.png"), entry.name, task_res)
+        report.plot_speedups(os.path.join(out, "speedup.png"), results)
         config["runtime_s"] = time.perf_counter() - start
         report.write_tables(out, results)  # after every task: an interrupted run keeps what it finished
     bar.close()

@@ -136,13 +136,6 @@ def test_tune_caches_by_task_steps_grid_and_seeds(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- summaries
-def test_steps_to_reach():
-    assert report.steps_to_reach([5.0, 4.0, 3.0, 2.0, 1.0], 2.5, window=1) == 3
-    assert report.steps_to_reach([5.0, 4.0, 3.0], 1.0, window=1) is None
-    assert report.steps_to_reach([5.0, 4.0, 3.0], None) is None
-    assert report.steps_to_reach([5.0, 1.0, 5.0, 2.0, 2.0], 2.5, window=3) == 4  # one lucky batch is smoothed away
-
-
 def test_summarize_counts_diverged_runs_and_keeps_stats_finite():
     from l2o.evaluate import Rollout
 
