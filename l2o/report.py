@@ -195,7 +195,6 @@ def plot_speedups(path: str, results: dict[str, Any]) -> None:
     """``path``: each optimizer's speedup over tuned Adam per task (log scale), its geometric mean in the legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
     from matplotlib.ticker import FuncFormatter
 
     geo = results.get("speedup_vs_adam") or {}
@@ -210,7 +209,8 @@ def plot_speedups(path: str, results: dict[str, Any]) -> None:
         mean = "—" if g["geomean"] is None else f"{g['geomean']:.3g}x"
         heights = [np.nan if v is None else v - 1.0 for v in values]  # bars from 1 up (ahead) or down (behind)
         bars = ax.bar(x, heights, width, bottom=1.0, label=f"{opt_name} (geometric mean {mean})")
-        ax.bar_label(bars, [format_speedup(v, results["tasks"][n]["steps"]) for v, n in zip(values, names)], fontsize=7)
+        ax.bar_label(bars, [format_speedup(v, results["tasks"][n]["steps"]) for v, n in zip(values, names)],
+                     fontsize=7)
     ax.axhline(1.0, color="0.3", lw=1)
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)))
