@@ -141,7 +141,8 @@ def _geomean_section(geo: dict[str, Any] | None) -> list[str]:
     if not geo:
         return []
     lines = ["## Speedup over tuned Adam, geometric mean over tasks", "",
-             "| optimizer | geometric mean | tasks | ahead of Adam | at a bound (≥ T or ≤ 1/T) |", "|---|---|---|---|---|"]
+             "| optimizer | geometric mean | tasks | ahead of Adam | at a bound (≥ T or ≤ 1/T) |",
+             "|---|---|---|---|---|"]
     for name, g in geo.items():
         mean = "—" if g["geomean"] is None else f"{g['geomean']:.3g}x"
         tasks = f"{g['tasks']}" + (f" ({g['undefined']} undefined: both diverged)" if g["undefined"] else "")
