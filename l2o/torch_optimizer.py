@@ -37,8 +37,8 @@ from .optim import DifferentiableOptimizer, WeightDecay
 def _resolve(optimizer: Any, which: str, options: dict[str, Any]) -> DifferentiableOptimizer:
     if isinstance(optimizer, (str, os.PathLike)):
         text = os.fspath(optimizer)
-        if text in optim.NAMES and not os.path.exists(text):
-            return optim.make(text, **options)
+        if not os.path.exists(text) and os.sep not in text and not text.endswith(".pt"):
+            return optim.make(text, **options)  # a name; an unknown one is a ValueError naming the choices
         if options:
             raise ValueError(f"options {sorted(options)} apply to an optimizer given by name "
                              f"({', '.join(optim.NAMES)}), not to the checkpoint {text!r}")
