@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {"l2o": convnet().to(device)}
     models["adam"] = copy.deepcopy(models["l2o"])  # same initial weights
     try:
-        train, test = (load("cifar10", split, args.data_dir, device, torch.float32) for split in ("train", "test"))
+        dtype = next(models["l2o"].parameters()).dtype
+        train, test = (load("cifar10", split, args.data_dir, device, dtype) for split in ("train", "test"))
         opts = {"l2o": l2o.LearnedOptimizer(models["l2o"].parameters(), args.checkpoint),
                 "adam": torch.optim.Adam(models["adam"].parameters(), lr=args.adam_lr)}
     except (DataNotFoundError, CheckpointError) as exc:

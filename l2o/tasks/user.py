@@ -66,7 +66,8 @@ class UserTask(ModuleTask):
                             "MyNet), so that every seed starts from freshly initialised weights")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        super().__init__(build, loss)
+        with torch.random.fork_rng(devices=[]):  # the template's initialisation must not move the global RNG
+            super().__init__(build, loss)
         self.name, self.batch_size = name, int(batch_size)
         train = _as_tensors(train_data, "train_data", self.dtype)
         test = train if test_data is None else _as_tensors(test_data, "test_data", self.dtype)
