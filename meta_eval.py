@@ -68,7 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baselines-only", action="store_true", help="evaluate no saved optimizer, only the baselines")
     p.add_argument("--which", choices=("best", "current"), default="best",
                    help="weights to evaluate from each checkpoint: best by validation (default) or the latest")
-    p.add_argument("--tasks", type=names, metavar="A,B", help="suite entries to run (default: all, see below)")
+    p.add_argument("--tasks", type=names, metavar="A,B", help="suite entries to run (default: all, see below), or a user task as an import path "
+                        "package.module:function or file.py:function (100 steps unless --steps)")
     p.add_argument("--steps", type=positive, metavar="N", help="override every task's number of steps")
     p.add_argument("--seeds", type=positive, default=len(EVAL_SEEDS), metavar="N",
                    help=f"evaluation seeds {EVAL_SEEDS[0]}..{EVAL_SEEDS[0]}+N-1 (default {len(EVAL_SEEDS)})")

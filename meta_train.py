@@ -38,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="meta_train.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("optimizee")
-    g.add_argument("--task", default=d.task, help=f"optimizee family: {', '.join(TASKS)} (default %(default)s)")
+    g.add_argument("--task", default=d.task, help=f"optimizee family: {', '.join(TASKS)}, or a user task as an import path "
+                   f"package.module:function or file.py:function (default %(default)s)")
     g.add_argument("--hidden", type=csv_list(int), help="hidden sizes of the MLP, e.g. 20 or 40,40 (cifar10_conv: FC width)")
     g.add_argument("--activation", help="MLP activation: sigmoid (default), relu or tanh")
     g.add_argument("--batch-size", type=int, help="optimizee minibatch size (default 128)")

@@ -7,6 +7,7 @@ forward-mode and implicit hypergradients.
 from __future__ import annotations
 
 from . import hypergrad, optim, tasks
+from .torch_optimizer import LearnedOptimizer
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,4 @@ def load_optimizer(path: str, map_location: str = "cpu"):
     return _load(path, map_location)
 
 
-__all__ = ["hypergrad", "load_optimizer", "optim", "tasks", "__version__"]
+__all__ = ["LearnedOptimizer", "hypergrad", "load_optimizer", "optim", "tasks", "__version__"]

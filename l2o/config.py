@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .optim import NAMES as OPTIMIZERS
-from .tasks import TASKS
+from .tasks import check as check_task, options as task_option_names
 
 METHODS = ("truncated", "reverse", "forward", "implicit")
 OBJECTIVES = ("sum_train", "final_train", "final_test")
@@ -73,7 +73,8 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.optimizer}_{SHORT.get(self.task, self.task)}"
+        # an import path (pkg.mod:make_task, file.py:make_task) is named by its function
+        return self.name or f"{self.optimizer}_{SHORT.get(self.task, self.task.rpartition(':')[2])}"
 
     @property
     def checkpoint_path(self) -> str:
@@ -82,7 +83,14 @@ class TrainConfig:
     def task_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"device": self.device}
         if self.task != "quadratic":
-            opts["data_dir"] = self.data_dir
+            opts["data_dir"] = self.data_dir  # l2o.tasks.get drops a None data_dir for tasks that take none
+        if self.task not in SHORT:  # a user task: pass only the options it takes
+            for key in ("hidden", "activation", "batch_size"):
+                if getattr(self, key) is not None:
+                    if key not in task_option_names(self.task):
+                        raise UsageError(f"--{key.replace('_', '-')} does not apply to task {self.task!r}")
+                    opts[key] = getattr(self, key)
+            return opts
         for key in ("hidden", "activation", "batch_size"):
             if getattr(self, key) is not None:
                 if self.task == "quadratic" or (self.task == "cifar10_conv" and key == "activation"):
@@ -96,7 +104,10 @@ class TrainConfig:
             if not cond:
                 raise UsageError(msg)
 
-        need(self.task in TASKS, f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        try:
+            check_task(self.task)  # a built-in, a registered name or an importable package.module:function
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")

@@ -64,10 +64,22 @@ def select(names: Sequence[str] | None) -> list[Entry]:
     """Suite entries by name, in the order given (all of them for None); ValueError names the choices."""
     if not names:
         return list(SUITE)
-    unknown = [n for n in names if n not in ENTRIES]
+    unknown = [n for n in names if n not in ENTRIES and ":" not in n]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(ENTRIES)}")
-    return [ENTRIES[n] for n in dict.fromkeys(names)]
+        raise ValueError(f"unknown task {unknown[0]!r}; choose from {', '.join(ENTRIES)} "
+                         f"or give an import path package.module:function")
+    out: list[Entry] = []
+    for n in dict.fromkeys(names):
+        if n in ENTRIES:
+            out.append(ENTRIES[n])
+            continue
+        tasks.check(n)  # ValueError (one line) if it cannot be imported
+        short, i = n.rpartition(":")[2], 1  # file names and report keys: the function's name, made unique
+        name = short
+        while name in ENTRIES or any(e.name == name for e in out):
+            name, i = f"{short}_{i}", i + 1
+        out.append(Entry(name, n, {}, 100, f"user task {n}"))
+    return out
 
 
 def build_tasks(entries: Sequence[Entry], data_dir: str | None = None, device: str = "cpu",

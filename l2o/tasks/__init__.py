@@ -4,7 +4,8 @@ from .conv import ConvTask
 from .data import DataNotFoundError
 from .mlp import MLPTask
 from .quadratic import QuadraticTask
-from .registry import TASKS, get, options
+from .registry import TASKS, check, get, options, register, resolve
+from .user import UserTask, from_module
 
 __all__ = ["Batch", "BatchStream", "DatasetTask", "seeded", "ConvTask", "DataNotFoundError", "MLPTask", "ModuleTask", "Params", "QuadraticTask", "Task",
-           "TASKS", "cross_entropy", "get", "options"]
+           "TASKS", "UserTask", "check", "cross_entropy", "from_module", "get", "options", "register", "resolve"]
