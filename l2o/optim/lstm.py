@@ -90,10 +90,31 @@ class LSTMOptimizer(DifferentiableOptimizer):
             self.skip = nn.Linear(n_in, 2, bias=False)
             nn.init.zeros_(self.skip.weight)
 
+    # ------------------------------------------------------------------ compiled path
+    def use_compiled(self, enabled: bool = True) -> "LSTMOptimizer":
+        """Run no-graph steps through ``torch.compile`` (opt-in; eager fallback).
+
+        The first step per coordinate count compiles the fused cell (about 20-60 s on a
+        CPU, needs a C++ compiler); later steps reuse it. Where compilation fails, a
+        warning is printed once and the eager fused path is used. Steps that build a
+        graph always run eagerly.
+        """
+        self._compiled_enabled = bool(enabled)
+        return self
+
+    def _compiled_core(self):
+        fn = getattr(self, "_compiled_fn", None)
+        if fn is None:
+            fn = self._compiled_fn = torch.compile(cell_core, dynamic=False, fullgraph=True)
+        return fn
+
+    # ------------------------------------------------------------------ protocol
     def init(self, params: Params) -> State:
         n = sum(p.numel() for p in params.values())
         like = next(iter(params.values())).detach()
-        z = like.new_zeros(n, self.hidden)
+        # Stored as [hidden, N] (seen as [N, hidden] views): every gate is a contiguous
+        # block of rows, so the elementwise work runs on contiguous memory.
+        z = like.new_zeros(self.hidden, n).t()
         state: State = {"step": 0, "h": [z] * self.layers, "c": [z] * self.layers}
         if self.inputs == "rich":
             state["feat"] = preprocess.rich_init(n, like)
@@ -106,31 +127,116 @@ class LSTMOptimizer(DifferentiableOptimizer):
             return (g * self.plain_scale)[:, None], None
         return preprocess.rich(g, state["feat"], self.p)
 
+    def _weights(self) -> list[torch.Tensor]:
+        ws: list[torch.Tensor] = []
+        for lin in self.cells:
+            ws += [lin.weight, lin.bias]
+        ws += [self.out.weight, self.out.bias]
+        if self.readout == "dir_mag":
+            ws.append(self.skip.weight)
+        return ws
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
         x, feat_state = self._features(g, state)
-        hs, cs = [], []
-        H = self.hidden
-        feats = x
-        for i, lin in enumerate(self.cells):
-            s = torch.sigmoid(torch.addmm(lin.bias, torch.cat([x, state["h"][i]], dim=1), lin.weight.t()))
-            ig, fg, og, gg = s.split(H, dim=1)
-            c = torch.addcmul(fg * state["c"][i], ig, 2.0 * gg - 1.0)
-            x = og * torch.tanh(c)
-            hs.append(x)
-            cs.append(c)
-        if self.readout == "linear":
-            update = self.out(x).squeeze(1) * self.output_scale
+        xT = x.t()  # [features, N]; contiguous when the features were built as rows
+        hs = [h.t() for h in state["h"]]
+        cs = [c.t() for c in state["c"]]
+        if torch.is_grad_enabled():
+            update, hs, cs = cell_core(xT, hs, cs, self._weights(), self.hidden, self.readout,
+                                       self.output_scale, self.skip_gain)
+        elif getattr(self, "_compiled_enabled", False) and not getattr(self, "_compile_failed", False):
+            try:
+                update, hs, cs = self._compiled_core()(xT.contiguous(), [h.contiguous() for h in hs],
+                                                       [c.contiguous() for c in cs], self._weights(), self.hidden,
+                                                       self.readout, self.output_scale, self.skip_gain)
+            except Exception as exc:  # no C++ compiler, unsupported platform: eager from now on
+                import warnings
+
+                warnings.warn(f"LSTMOptimizer: torch.compile failed ({type(exc).__name__}: {exc}); "
+                              f"using the eager fused step", RuntimeWarning, stacklevel=2)
+                self._compile_failed = True
+                update, hs, cs = self._fused_step(xT, hs, cs)
         else:
-            ds = self.out(x) + self.skip_gain * self.skip(feats)
-            update = ds[:, 0] * torch.exp(ds[:, 1].clamp(max=MAX_LOG_MAGNITUDE)) * self.output_scale
+            update, hs, cs = self._fused_step(xT, hs, cs)
         new_params, offset = {}, 0
         for k in keys:
             n = params[k].numel()
             new_params[k] = params[k] + update[offset:offset + n].view_as(params[k])
             offset += n
-        new_state: State = {"step": state["step"] + 1, "h": hs, "c": cs}
+        new_state: State = {"step": state["step"] + 1, "h": [h.t() for h in hs], "c": [c.t() for c in cs]}
         if feat_state is not None:
             new_state["feat"] = feat_state
         return new_params, new_state
+
+    def _fused_step(self, xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor]
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """:func:`cell_core` without a graph: the same arithmetic, in place on reused buffers."""
+        H, n = self.hidden, xT.shape[1]
+        pre = self._buffer(4 * H, n, xT)
+        new_h, new_c = [], []
+        inp = xT
+        for lin, h, c in zip(self.cells, hs, cs):
+            k = inp.shape[0]
+            # gates = sigmoid(W [x; h] + b): two products into one buffer, no concatenation
+            torch.addmm(lin.bias[:, None], lin.weight[:, :k], inp, out=pre)
+            pre.addmm_(lin.weight[:, k:], h).sigmoid_()
+            ig, fg, og, gg = pre[:H], pre[H:2 * H], pre[2 * H:3 * H], pre[3 * H:]
+            # c' = f c + i (2 g - 1)     (the cell gate is tanh(z) = 2 sigmoid(2z) - 1)
+            c_new = torch.mul(fg, c)
+            c_new.addcmul_(ig, gg, value=2.0).sub_(ig)
+            # h' = o tanh(c') = o (2 sigmoid(2 c') - 1)
+            h_new = torch.mul(c_new, 2.0).sigmoid_().mul_(2.0).sub_(1.0).mul_(og)
+            new_h.append(h_new)
+            new_c.append(c_new)
+            inp = h_new
+        update = readout_core(inp, xT, self._weights()[2 * self.layers:], self.readout, self.output_scale,
+                              self.skip_gain)
+        return update, new_h, new_c
+
+    def _buffer(self, rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.shape != (rows, n) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._scratch = torch.empty(rows, n, dtype=like.dtype, device=like.device)
+        return buf
+
+
+def readout_core(h: torch.Tensor, xT: torch.Tensor, weights: list[torch.Tensor], readout: str,
+                 output_scale: float, skip_gain: float) -> torch.Tensor:
+    """The update ``[N]`` from the top hidden state ``h`` ``[H, N]`` and the features ``xT`` ``[F, N]``."""
+    if readout == "linear":
+        w, b = weights[0], weights[1]
+        return torch.addmm(b[:, None], w, h)[0] * output_scale
+    w, b, skip = weights
+    ds = torch.addmm(torch.addmm(b[:, None], w, h), skip, xT, alpha=skip_gain)
+    return ds[0] * torch.exp(ds[1].clamp(max=MAX_LOG_MAGNITUDE)) * output_scale
+
+
+def cell_core(xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
+              hidden: int, readout: str, output_scale: float, skip_gain: float
+              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One step of the stacked LSTM on ``[features, N]`` inputs, out of place (differentiable, compilable).
+
+    Per layer, with ``W = [W_x, W_h]`` and ``s = sigmoid(W_x x + W_h h + b)`` split in
+    ``[i, f, o, g]`` blocks of ``hidden`` rows: ``c' = f c + i (2 g - 1)``,
+    ``h' = o (2 sigmoid(2 c') - 1) = o tanh(c')``.
+
+    Returns:
+        ``(update [N], new hidden states, new cell states)``, states as ``[hidden, N]``.
+    """
+    H = hidden
+    new_h, new_c = [], []
+    inp = xT
+    for i, (h, c) in enumerate(zip(hs, cs)):
+        w, b = weights[2 * i], weights[2 * i + 1]
+        k = inp.shape[0]
+        s = torch.sigmoid(torch.addmm(torch.addmm(b[:, None], w[:, :k], inp), w[:, k:], h))
+        ig, fg, og, gg = s[:H], s[H:2 * H], s[2 * H:3 * H], s[3 * H:]
+        c_new = fg * c + 2.0 * ig * gg - ig
+        h_new = (2.0 * torch.sigmoid(2.0 * c_new) - 1.0) * og
+        new_h.append(h_new)
+        new_c.append(c_new)
+        inp = h_new
+    update = readout_core(inp, xT, weights[2 * len(hs):], readout, output_scale, skip_gain)
+    return update, new_h, new_c
