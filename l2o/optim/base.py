@@ -95,6 +95,32 @@ class DifferentiableOptimizer(nn.Module):
         """Constructor arguments that rebuild this optimizer (weights come from ``state_dict``)."""
         return {"type": type(self).__name__, **self._config}
 
+    def scalars(self, names: tuple[str, ...], keys: list[str]) -> dict[str, float] | None:
+        """Hyperparameters as Python numbers for the fused no-graph step, or None.
+
+        None (use the differentiable step) while autograd records, or when a
+        hyperparameter is per-weight or differs between parameters. Without a graph a
+        hyperparameter is a constant, so each one is read once per step and the update
+        runs as a few ``torch._foreach_*`` calls over all tensors, the way
+        ``torch.optim``'s foreach implementations do.
+        """
+        if torch.is_grad_enabled() or not keys:
+            return None
+        out = {}
+        for name in names:
+            if name in self._given:
+                given = self._given[name]
+                values = [given[k] for k in keys] if isinstance(given, dict) else [given]
+                if any(not isinstance(v, torch.Tensor) or v.numel() != 1 for v in values):
+                    return None
+                first = float(values[0])
+                if any(v is not values[0] and float(v) != first for v in values[1:]):
+                    return None
+                out[name] = first
+            else:
+                out[name] = float(self.hparam(name))
+        return out
+
     # ------------------------------------------------------------------ protocol
     def init(self, params: Params) -> State:
         raise NotImplementedError

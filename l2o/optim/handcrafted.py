@@ -2,6 +2,9 @@
 
 With constant hyperparameters each reproduces the matching ``torch.optim`` trajectory
 (tested in float64); written out-of-place so that gradients reach the hyperparameters.
+Without a graph (``torch.no_grad()``) and with one value of each hyperparameter for all
+parameters, ``step`` runs the same arithmetic as a handful of ``torch._foreach_*`` calls
+over every tensor at once (still out of place: the old params and state stay valid).
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ class SGD(DifferentiableOptimizer):
         return {"step": 0}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        h = self.scalars(("lr",), keys)
+        if h is not None:
+            new = torch._foreach_add(list(params.values()), [grads[k] for k in keys], alpha=-h["lr"])
+            return dict(zip(keys, new)), {"step": state["step"] + 1}
         new = {k: p - self.hparam("lr", k) * grads[k] for k, p in params.items()}
         return new, {"step": state["step"] + 1}
 
@@ -52,6 +60,10 @@ class Momentum(DifferentiableOptimizer):
         return self.hparam("lr", key)
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        h = self.scalars(tuple(self._kinds), keys)
+        if h is not None:
+            return self._fused_step(keys, params, grads, state, h)
         new_p, new_b = {}, {}
         for k, p in params.items():
             mu, g = self.hparam("momentum", k), grads[k]
@@ -60,6 +72,16 @@ class Momentum(DifferentiableOptimizer):
             new_p[k] = p - self.lr_at(state["step"], k) * d
             new_b[k] = b
         return new_p, {"step": state["step"] + 1, "buf": new_b}
+
+    def _fused_step(self, keys: list[str], params: Params, grads: Params, state: State, h: dict[str, float]
+                    ) -> tuple[Params, State]:
+        mu, g = h["momentum"], [grads[k] for k in keys]
+        lr = float(self.lr_at(state["step"], keys[0]))
+        b = torch._foreach_mul([state["buf"][k] for k in keys], mu)
+        torch._foreach_add_(b, g)
+        d = torch._foreach_add(g, b, alpha=mu) if self.nesterov else b
+        new_p = torch._foreach_add(list(params.values()), d, alpha=-lr)
+        return dict(zip(keys, new_p)), {"step": state["step"] + 1, "buf": dict(zip(keys, b))}
 
 
 class MomentumInvDecay(Momentum):
@@ -96,6 +118,19 @@ class Adam(DifferentiableOptimizer):
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         t = state["step"] + 1
+        keys = list(params)
+        h = self.scalars(("lr", "beta1", "beta2"), keys)
+        if h is not None:  # the same arithmetic as below, fused over all tensors
+            b1, b2, g = h["beta1"], h["beta2"], [grads[k] for k in keys]
+            m = torch._foreach_mul([state["m"][k] for k in keys], b1)
+            torch._foreach_add_(m, g, alpha=1 - b1)
+            v = torch._foreach_mul([state["v"][k] for k in keys], b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, (1 - b2 ** t) ** 0.5)
+            torch._foreach_add_(denom, self.eps)
+            new_p = torch._foreach_addcdiv(list(params.values()), m, denom, value=-h["lr"] / (1 - b1 ** t))
+            return dict(zip(keys, new_p)), {"step": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
         new_p, m_new, v_new = {}, {}, {}
         for k, p in params.items():
             b1, b2, g = self.hparam("beta1", k), self.hparam("beta2", k), grads[k]
@@ -121,6 +156,16 @@ class RMSprop(DifferentiableOptimizer):
         return {"step": 0, "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        h = self.scalars(("lr", "alpha"), keys)
+        if h is not None:  # the same arithmetic as below, fused over all tensors
+            a, g = h["alpha"], [grads[k] for k in keys]
+            v = torch._foreach_mul([state["v"][k] for k in keys], a)
+            torch._foreach_addcmul_(v, g, g, value=1 - a)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, self.eps)
+            new_p = torch._foreach_addcdiv(list(params.values()), g, denom, value=-h["lr"])
+            return dict(zip(keys, new_p)), {"step": state["step"] + 1, "v": dict(zip(keys, v))}
         new_p, v_new = {}, {}
         for k, p in params.items():
             a, g = self.hparam("alpha", k), grads[k]

@@ -153,5 +153,29 @@ class WeightDecay(DifferentiableOptimizer):
         return self.base.init(params)
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        if not torch.is_grad_enabled():  # no graph: one fused call over all tensors
+            keys = list(params)
+            g = [grads[k] for k in keys]
+            if self.per_weight:
+                decayed = torch._foreach_addcmul(g, [self._decay_constant(k) for k in keys], list(params.values()))
+                return self.base.step(params, dict(zip(keys, decayed)), state)
+            wd = self.scalars(("weight_decay",), keys)
+            if wd is not None:
+                decayed = torch._foreach_add(g, list(params.values()), alpha=wd["weight_decay"])
+                return self.base.step(params, dict(zip(keys, decayed)), state)
         decayed = {k: grads[k] + self.decay(k) * p for k, p in params.items()}
         return self.base.step(params, decayed, state)
+
+    def _decay_constant(self, key: str) -> torch.Tensor:
+        """``decay(key)`` without a graph, recomputed only when its raw parameter changed.
+
+        softplus over every weight costs as much as the rest of a step; without a graph
+        the value is a constant until the outer optimizer updates the raw tensor in
+        place (which bumps its version counter) or another tensor is substituted.
+        """
+        raw = self.raw_weight_decay[self._keys[key]]
+        cache = self.__dict__.setdefault("_decay_cache", {})
+        hit = cache.get(key)
+        if hit is None or hit[0] is not raw or hit[1] != raw._version:
+            hit = cache[key] = (raw, raw._version, F.softplus(raw.detach()))
+        return hit[2]
