@@ -32,6 +32,30 @@ def module_key(name: str) -> str:
     return name.replace(".", "_")
 
 
+class _Penalty(torch.autograd.Function):
+    """``0.5 * sum(decay * p**2)`` with the gradient ``(decay * p, 0.5 * p**2)`` written out.
+
+    Autograd's own graph of ``decay * p * p`` turns into about three times as many
+    full-size multiplications in each Hessian-vector product of implicit
+    differentiation; this backward is itself differentiable (``create_graph``) with
+    one product per factor. Its derivatives are tested against the plain formula.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, decay)
+        return 0.5 * (decay * p * p).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        p, decay = ctx.saved_tensors
+        gp = grad * decay * p if ctx.needs_input_grad[0] else None
+        gd = None
+        if ctx.needs_input_grad[1]:
+            gd = ((0.5 * grad) * (p * p)).sum_to_size(decay.shape)  # decay may broadcast over p
+        return gp, gd
+
+
 class WeightDecay(DifferentiableOptimizer):
     """Wraps an optimizer: ``step(params, grads + wd * params, state)``.
 
@@ -110,7 +134,7 @@ class WeightDecay(DifferentiableOptimizer):
 
     def penalty(self, params: Params) -> torch.Tensor:
         """``0.5 * sum_k sum(decay(k) * params[k]**2)``: the decay as a term of the training loss."""
-        return 0.5 * sum((self.decay(k) * p * p).sum() for k, p in params.items())
+        return sum(_Penalty.apply(p, self.decay(k)) for k, p in params.items())
 
     def hparams(self) -> dict[str, float]:
         """The base optimizer's scalar hyperparameters plus ``weight_decay`` (its mean if per weight)."""
