@@ -67,6 +67,13 @@ class DifferentiableOptimizer(nn.Module):
         prefix, forward, _ = _TRANSFORMS[self._kinds[name]]
         return forward(getattr(self, prefix + name))
 
+    def hparam_getter(self, name: str):
+        """``key -> hparam(name, key)``, with a value shared by all keys computed once (one op per step, not per tensor)."""
+        if name in self._given and isinstance(self._given[name], dict):
+            return self._given[name].__getitem__
+        value = self.hparam(name)
+        return lambda key: value
+
     def hparams(self) -> dict[str, float]:
         """Current scalar hyperparameter values, for logging."""
         out = {}

@@ -105,6 +105,11 @@ class LSTMOptimizer(DifferentiableOptimizer):
     def _compiled_core(self):
         fn = getattr(self, "_compiled_fn", None)
         if fn is None:
+            import torch._inductor.config as inductor_config
+
+            # compile in this process: a pool of compile workers competes with the
+            # run itself for the cores of a small machine
+            inductor_config.compile_threads = 1
             fn = self._compiled_fn = torch.compile(cell_core, dynamic=False, fullgraph=True)
         return fn
 
