@@ -85,10 +85,12 @@ class Momentum(DifferentiableOptimizer):
                     ) -> tuple[Params, State]:
         mu, g = h["momentum"], [grads[k] for k in keys]
         lr = float(self.lr_at(state["step"], keys[0]))
-        b = torch._foreach_mul([state["buf"][k] for k in keys], mu)
-        torch._foreach_add_(b, g)
-        d = torch._foreach_add(g, b, alpha=mu) if self.nesterov else b
-        new_p = torch._foreach_add(list(params.values()), d, alpha=-lr)
+        b = torch._foreach_add(g, [state["buf"][k] for k in keys], alpha=mu)  # g + mu buf: one pass
+        if self.nesterov:  # p - lr (g + mu b), without materialising g + mu b
+            new_p = torch._foreach_add(list(params.values()), g, alpha=-lr)
+            torch._foreach_add_(new_p, b, alpha=-lr * mu)
+        else:
+            new_p = torch._foreach_add(list(params.values()), b, alpha=-lr)
         return dict(zip(keys, new_p)), {"step": state["step"] + 1, "buf": dict(zip(keys, b))}
 
 
