@@ -170,16 +170,16 @@ def handcrafted(args, device, compare, row, header):
 
             def run_ours(ours=ours, box=box):
                 with torch.no_grad():
-                    for _ in range(20):
+                    for _ in range(100):
                         box["p"], box["s"] = ours.step(box["p"], grads, box["s"])
 
             def run_theirs(theirs=theirs):
-                for _ in range(20):
+                for _ in range(100):
                     theirs.step()
             fns[name, "ours"], fns[name, "theirs"] = run_ours, run_theirs
         med = compare(fns)
         for name in PAIRS:
-            print(row(f"{name}, {size} params, 20 steps without graph / torch.optim foreach",
+            print(row(f"{name}, {size} params, 100 steps without graph / torch.optim foreach",
                       med[name, "ours"], med[name, "theirs"], 1.1))
 
 

@@ -135,8 +135,7 @@ class Adam(DifferentiableOptimizer):
         h = self.scalars(("lr", "beta1", "beta2"), keys)
         if h is not None:  # the same arithmetic as below, fused over all tensors
             b1, b2, g = h["beta1"], h["beta2"], [grads[k] for k in keys]
-            m = torch._foreach_mul([state["m"][k] for k in keys], b1)
-            torch._foreach_add_(m, g, alpha=1 - b1)
+            m = torch._foreach_lerp([state["m"][k] for k in keys], g, 1 - b1)  # b1 m + (1 - b1) g, one pass
             v = torch._foreach_mul([state["v"][k] for k in keys], b2)
             torch._foreach_addcmul_(v, g, g, value=1 - b2)
             denom = torch._foreach_sqrt(v)
