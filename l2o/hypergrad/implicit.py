@@ -12,6 +12,7 @@ implicit hypergradient and are refused.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -48,13 +49,13 @@ def conjugate_gradient(hvp: Callable[[Vec], Vec], b: Vec, iters: int, tol: float
 
 def neumann(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
     """``H^-1 b ~= alpha * sum_{j=0}^{iters} (I - alpha H)^j b`` (converges for ``alpha < 2 / lambda_max``)."""
-    term = [t.clone() for t in b]
+    term = list(b)
     total = [t.clone() for t in b]
     for _ in range(iters):
         hv = hvp(term)
-        term = [t - alpha * h for t, h in zip(term, hv)]
-        total = [s + t for s, t in zip(total, term)]
-    return [alpha * s for s in total]
+        term = torch._foreach_add(term, hv, alpha=-alpha)  # term <- (I - alpha H) term
+        torch._foreach_add_(total, term)
+    return torch._foreach_mul(total, alpha)
 
 
 def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, seed: int = 0) -> float:
@@ -71,6 +72,37 @@ def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, se
     return abs(lam)
 
 
+# inner_loss -> (parameter shapes, alpha): the default Neumann step of each inner problem
+_ALPHAS: "weakref.WeakKeyDictionary[Callable, tuple[tuple, float]]" = weakref.WeakKeyDictionary()
+
+
+def default_alpha(inner_loss: InnerLoss, hvp: Callable[[Vec], Vec], like: Vec) -> float:
+    """The default Neumann step ``1 / lambda_max``, estimated once per inner problem.
+
+    ``lambda_max`` comes from 20 power-iteration Hessian-vector products. They cost
+    several times the hypergradient itself, so the estimate is kept for the
+    ``inner_loss`` callable it was made for (weakly: it goes with the callable) and
+    reused while that callable and the parameter shapes are the same: a trainer that
+    builds one ``inner_loss`` per inner problem and asks for a hypergradient every few
+    inner steps pays for it once per problem. The step keeps a factor-2 margin (the
+    series converges for ``alpha < 2 / lambda_max``), so the curvature may grow up to
+    twofold along the run before the cached step fails; pass ``alpha`` to choose it.
+    """
+    shapes = tuple((tuple(t.shape), t.dtype) for t in like)
+    try:
+        hit = _ALPHAS.get(inner_loss)
+    except TypeError:  # not weak-referenceable: estimate every time
+        hit = None
+    if hit is not None and hit[0] == shapes:
+        return hit[1]
+    alpha = 1.0 / max(largest_eigenvalue(hvp, like), 1e-12)
+    try:
+        _ALPHAS[inner_loss] = (shapes, alpha)
+    except TypeError:
+        pass
+    return alpha
+
+
 def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, hparams: dict, *,
              method: str = "cg", iters: int = 100, alpha: float | None = None, tol: float = 1e-12
              ) -> dict[str, torch.Tensor]:
@@ -84,7 +116,8 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
         method: ``cg`` (conjugate gradients; needs a positive-definite Hessian) or
             ``neumann`` (Lorraine et al.'s series; robust, approximate).
         iters: CG iterations or Neumann terms.
-        alpha: Neumann step; default ``1 / lambda_max`` from 20 power iterations.
+        alpha: Neumann step; default ``1 / lambda_max`` from 20 power iterations, estimated
+            once per ``inner_loss`` callable and reused (see :func:`default_alpha`).
         tol: relative residual at which CG stops.
 
     Returns:
@@ -118,7 +151,7 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
         if method == "cg":
             v = conjugate_gradient(hvp, gp, iters, tol)
         else:
-            a = alpha if alpha is not None else 1.0 / max(largest_eigenvalue(hvp, gp), 1e-12)
+            a = alpha if alpha is not None else default_alpha(inner_loss, hvp, gp)
             v = neumann(hvp, gp, iters, a)
         mixed = torch.autograd.grad(dLdp, hv, grad_outputs=v, allow_unused=True)
     result = {}

@@ -12,6 +12,7 @@ and the unroll accumulates ``meta_loss = sum_t w_t * loss_t`` when weights are g
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -87,18 +88,19 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
     losses: list[float] = []
     if not graph:
         params, state = detach(params), detach(state)
+    keys = list(params)
     for t in range(start, start + steps):
         with torch.enable_grad():
             p_in = {k: (v if v.requires_grad else v.detach().requires_grad_()) for k, v in params.items()}
             loss = inner_loss(p_in, hparams, t)
             grads = torch.autograd.grad(loss, list(p_in.values()), create_graph=graph and second_order,
                                         retain_graph=graph, allow_unused=True)
-        grads = {k: (g if g is not None else torch.zeros_like(p_in[k])) for k, g in zip(p_in, grads)}
+        grads = {k: (g if g is not None else torch.zeros_like(p_in[k])) for k, g in zip(keys, grads)}
         lv = float(loss.detach())
         losses.append(lv)
         if callback is not None:
             callback(t, p_in, lv)
-        if not (torch.isfinite(loss.detach()) and all(torch.isfinite(g).all() for g in grads.values())):
+        if not (math.isfinite(lv) and all_finite(list(grads.values()))):
             return UnrollResult(params, state, meta_loss, losses, finite=False)
         w = weight_at(meta_weights, t)
         if graph:
@@ -108,6 +110,21 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
         else:
             if w is not None:
                 meta_loss = meta_loss + float(w) * lv
-            with torch.no_grad():
-                params, state = opt.step(detach(p_in), grads, state)
+            with torch.no_grad():  # no graph is recorded, so p_in needs no detaching
+                params, state = opt.step(p_in, grads, state)
     return UnrollResult(params, state, meta_loss, losses)
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True iff no entry of ``tensors`` is inf or NaN, with one reduction and one host synchronisation.
+
+    The largest magnitude over all entries is finite exactly when every entry is:
+    unlike a sum or a 2-norm it cannot overflow, and a NaN propagates through the
+    maximum (then ``nan < inf`` is False). Flattening into one vector makes it one
+    ``abs`` and one ``max`` however many tensors there are.
+    """
+    tensors = [t.detach().reshape(-1) for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    flat = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    return float(flat.abs().max()) < math.inf

@@ -67,6 +67,13 @@ class DifferentiableOptimizer(nn.Module):
         prefix, forward, _ = _TRANSFORMS[self._kinds[name]]
         return forward(getattr(self, prefix + name))
 
+    def hparam_getter(self, name: str):
+        """``key -> hparam(name, key)``, with a value shared by all keys computed once (one op per step, not per tensor)."""
+        if name in self._given and isinstance(self._given[name], dict):
+            return self._given[name].__getitem__
+        value = self.hparam(name)
+        return lambda key: value
+
     def hparams(self) -> dict[str, float]:
         """Current scalar hyperparameter values, for logging."""
         out = {}
@@ -94,6 +101,32 @@ class DifferentiableOptimizer(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this optimizer (weights come from ``state_dict``)."""
         return {"type": type(self).__name__, **self._config}
+
+    def scalars(self, names: tuple[str, ...], keys: list[str]) -> dict[str, float] | None:
+        """Hyperparameters as Python numbers for the fused no-graph step, or None.
+
+        None (use the differentiable step) while autograd records, or when a
+        hyperparameter is per-weight or differs between parameters. Without a graph a
+        hyperparameter is a constant, so each one is read once per step and the update
+        runs as a few ``torch._foreach_*`` calls over all tensors, the way
+        ``torch.optim``'s foreach implementations do.
+        """
+        if torch.is_grad_enabled() or not keys:
+            return None
+        out = {}
+        for name in names:
+            if name in self._given:
+                given = self._given[name]
+                values = [given[k] for k in keys] if isinstance(given, dict) else [given]
+                if any(not isinstance(v, torch.Tensor) or v.numel() != 1 for v in values):
+                    return None
+                first = float(values[0])
+                if any(v is not values[0] and float(v) != first for v in values[1:]):
+                    return None
+                out[name] = first
+            else:
+                out[name] = float(self.hparam(name))
+        return out
 
     # ------------------------------------------------------------------ protocol
     def init(self, params: Params) -> State:

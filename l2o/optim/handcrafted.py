@@ -2,6 +2,9 @@
 
 With constant hyperparameters each reproduces the matching ``torch.optim`` trajectory
 (tested in float64); written out-of-place so that gradients reach the hyperparameters.
+Without a graph (``torch.no_grad()``) and with one value of each hyperparameter for all
+parameters, ``step`` runs the same arithmetic as a handful of ``torch._foreach_*`` calls
+over every tensor at once (still out of place: the old params and state stay valid).
 """
 from __future__ import annotations
 
@@ -27,7 +30,13 @@ class SGD(DifferentiableOptimizer):
         return {"step": 0}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        new = {k: p - self.hparam("lr", k) * grads[k] for k, p in params.items()}
+        keys = list(params)
+        h = self.scalars(("lr",), keys)
+        if h is not None:
+            new = torch._foreach_add(list(params.values()), [grads[k] for k in keys], alpha=-h["lr"])
+            return dict(zip(keys, new)), {"step": state["step"] + 1}
+        lr = self.hparam_getter("lr")
+        new = {k: torch.addcmul(p, lr(k), grads[k], value=-1.0) for k, p in params.items()}
         return new, {"step": state["step"] + 1}
 
 
@@ -51,15 +60,38 @@ class Momentum(DifferentiableOptimizer):
     def lr_at(self, step: int, key: str) -> torch.Tensor:
         return self.hparam("lr", key)
 
+    def lr_getter(self, step: int):
+        """``key -> lr_at(step, key)`` (the constant rate computed once per step)."""
+        return self.hparam_getter("lr")
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        h = self.scalars(tuple(self._kinds), keys)
+        if h is not None:
+            return self._fused_step(keys, params, grads, state, h)
         new_p, new_b = {}, {}
+        momentum, lr = self.hparam_getter("momentum"), self.lr_getter(state["step"])
         for k, p in params.items():
-            mu, g = self.hparam("momentum", k), grads[k]
-            b = mu * state["buf"][k] + g
-            d = g + mu * b if self.nesterov else b
-            new_p[k] = p - self.lr_at(state["step"], k) * d
+            # addcmul: one autograd node per product-and-sum instead of two (the
+            # backward through a long unroll visits every node)
+            mu, g = momentum(k), grads[k]
+            b = torch.addcmul(g, mu, state["buf"][k])             # mu * buf + g
+            d = torch.addcmul(g, mu, b) if self.nesterov else b   # g + mu * b
+            new_p[k] = torch.addcmul(p, lr(k), d, value=-1.0)      # p - lr * d
             new_b[k] = b
         return new_p, {"step": state["step"] + 1, "buf": new_b}
+
+    def _fused_step(self, keys: list[str], params: Params, grads: Params, state: State, h: dict[str, float]
+                    ) -> tuple[Params, State]:
+        mu, g = h["momentum"], [grads[k] for k in keys]
+        lr = float(self.lr_at(state["step"], keys[0]))
+        b = torch._foreach_add(g, [state["buf"][k] for k in keys], alpha=mu)  # g + mu buf: one pass
+        if self.nesterov:  # p - lr (g + mu b), without materialising g + mu b
+            new_p = torch._foreach_add(list(params.values()), g, alpha=-lr)
+            torch._foreach_add_(new_p, b, alpha=-lr * mu)
+        else:
+            new_p = torch._foreach_add(list(params.values()), b, alpha=-lr)
+        return dict(zip(keys, new_p)), {"step": state["step"] + 1, "buf": dict(zip(keys, b))}
 
 
 class MomentumInvDecay(Momentum):
@@ -76,6 +108,9 @@ class MomentumInvDecay(Momentum):
 
     def lr_at(self, step: int, key: str) -> torch.Tensor:
         return self.hparam("lr", key) * (1.0 + step / self.T0) ** (-self.hparam("decay", key))
+
+    def lr_getter(self, step: int):
+        return lambda key: self.lr_at(step, key)
 
 
 class Adam(DifferentiableOptimizer):
@@ -96,13 +131,26 @@ class Adam(DifferentiableOptimizer):
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         t = state["step"] + 1
+        keys = list(params)
+        h = self.scalars(("lr", "beta1", "beta2"), keys)
+        if h is not None:  # the same arithmetic as below, fused over all tensors
+            b1, b2, g = h["beta1"], h["beta2"], [grads[k] for k in keys]
+            m = torch._foreach_lerp([state["m"][k] for k in keys], g, 1 - b1)  # b1 m + (1 - b1) g, one pass
+            v = torch._foreach_mul([state["v"][k] for k in keys], b2)
+            torch._foreach_addcmul_(v, g, g, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, (1 - b2 ** t) ** 0.5)
+            torch._foreach_add_(denom, self.eps)
+            new_p = torch._foreach_addcdiv(list(params.values()), m, denom, value=-h["lr"] / (1 - b1 ** t))
+            return dict(zip(keys, new_p)), {"step": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
         new_p, m_new, v_new = {}, {}, {}
+        beta1, beta2, lr = self.hparam_getter("beta1"), self.hparam_getter("beta2"), self.hparam_getter("lr")
         for k, p in params.items():
-            b1, b2, g = self.hparam("beta1", k), self.hparam("beta2", k), grads[k]
+            b1, b2, g = beta1(k), beta2(k), grads[k]
             m = b1 * state["m"][k] + (1 - b1) * g
             v = b2 * state["v"][k] + (1 - b2) * g * g
             denom = safe_sqrt(v) / torch.sqrt(1 - b2 ** t) + self.eps
-            new_p[k] = p - self.hparam("lr", k) / (1 - b1 ** t) * m / denom
+            new_p[k] = p - lr(k) / (1 - b1 ** t) * m / denom
             m_new[k], v_new[k] = m, v
         return new_p, {"step": t, "m": m_new, "v": v_new}
 
@@ -121,10 +169,21 @@ class RMSprop(DifferentiableOptimizer):
         return {"step": 0, "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        keys = list(params)
+        h = self.scalars(("lr", "alpha"), keys)
+        if h is not None:  # the same arithmetic as below, fused over all tensors
+            a, g = h["alpha"], [grads[k] for k in keys]
+            v = torch._foreach_mul([state["v"][k] for k in keys], a)
+            torch._foreach_addcmul_(v, g, g, value=1 - a)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, self.eps)
+            new_p = torch._foreach_addcdiv(list(params.values()), g, denom, value=-h["lr"])
+            return dict(zip(keys, new_p)), {"step": state["step"] + 1, "v": dict(zip(keys, v))}
         new_p, v_new = {}, {}
+        alpha, lr = self.hparam_getter("alpha"), self.hparam_getter("lr")
         for k, p in params.items():
-            a, g = self.hparam("alpha", k), grads[k]
+            a, g = alpha(k), grads[k]
             v = a * state["v"][k] + (1 - a) * g * g
-            new_p[k] = p - self.hparam("lr", k) * g / (safe_sqrt(v) + self.eps)
+            new_p[k] = p - lr(k) * g / (safe_sqrt(v) + self.eps)
             v_new[k] = v
         return new_p, {"step": state["step"] + 1, "v": v_new}

@@ -2,7 +2,8 @@
 
 All functions take flat vectors (one entry per coordinate of every parameter tensor)
 and return ``[N, F]`` feature matrices, so a learned optimizer sees every coordinate
-of every tensor as one batch.
+of every tensor as one batch. The matrices are views of ``[F, N]`` storage, so
+``.t()`` gives each feature as a contiguous row.
 """
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def log_sign(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
     logmag = torch.log(g.abs().clamp_min(math.exp(-p))) / p
     first = torch.where(big, logmag, torch.full_like(g, -1.0))
     second = torch.where(big, torch.sign(g), g * math.exp(p))
-    return torch.stack([first, second], dim=-1)
+    # built as rows ([2, N] storage, returned as its [N, 2] view): consumers that work
+    # feature-major (the LSTM) take ``.t()`` for free
+    return torch.stack([first, second], dim=0).t()
 
 
 # decays of the momentum features and of the second-moment normaliser in "rich" inputs
@@ -61,9 +64,9 @@ def rich(g: torch.Tensor, state: dict[str, torch.Tensor], p: float = 10.0, eps: 
     rms = torch.sqrt(v / (1 - RMS_DECAY ** t) + eps * eps)
     m_hat = m / (1 - decays ** t)
     feats = torch.cat([
-        log_sign(g, p),
-        (m_hat / rms).T,
-        (g / rms)[:, None],
-        (torch.log(rms) / p)[:, None],
-    ], dim=-1)
-    return feats, {"m": m, "v": v, "t": t}
+        log_sign(g, p).t(),
+        m_hat / rms,
+        (g / rms)[None],
+        (torch.log(rms) / p)[None],
+    ], dim=0)  # [N_RICH, N] storage, returned as its [N, N_RICH] view (see log_sign)
+    return feats.t(), {"m": m, "v": v, "t": t}
