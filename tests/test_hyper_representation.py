@@ -33,13 +33,14 @@ def episode_data(tmp_path_factory) -> str:
     """Tiny MNIST-format files with enough test images per class for 5-shot validation episodes."""
     root = str(tmp_path_factory.mktemp("hr_data"))
     write_idx(os.path.join(root, "MNIST", "raw"), n_train=300, n_test=200, seed=3)
+    write_idx(os.path.join(root, "FashionMNIST", "raw"), n_train=300, n_test=200, seed=4)
     return root
 
 
 def test_episodes_disjoint_classes_labels_and_determinism(hr):
     x = torch.arange(12 * 28 * 28, dtype=torch.float64).reshape(12, 1, 28, 28)
     y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 7, 7, 7])
-    eps = hr.Episodes(x, y, (0, 1, 2), "train")
+    eps = hr.Episodes(hr.class_pools(x, y, (0, 1, 2)), "train")
     xs, ys, xq, yq = eps.sample(4, 2, 1, 2, torch.Generator().manual_seed(0))
     assert xs.shape == (4, 2, 1, 28, 28) and xq.shape == (4, 4, 1, 28, 28)
     assert ys.tolist() == [[0, 1]] * 4 and yq.tolist() == [[0, 0, 1, 1]] * 4
@@ -52,8 +53,8 @@ def test_episodes_disjoint_classes_labels_and_determinism(hr):
         assert all((xs[b, i] != xq[b, j]).any() for i in range(2) for j in range(4))  # disjoint images
     a, b = (list(eps.chunks(5, 2, 1, 1, seed=4, chunk=2)) for _ in range(2))
     assert len(a) == 3 and all(torch.equal(u[0], v[0]) for u, v in zip(a, b))
-    rot = hr.Episodes(x, y, (0,), "train", rotations=4)
-    assert len(rot.pools) == 4 and torch.equal(rot.pools[1][0, 0], torch.rot90(x[0, 0], 1))
+    rot = hr.class_pools(x, y, (0,), rotations=4)
+    assert len(rot) == 4 and torch.equal(rot[1][0, 0], torch.rot90(x[0, 0], 1))
     with pytest.raises(hr.common.UsageError, match="need 4 images per class"):
         eps.check(4)
 
