@@ -283,7 +283,9 @@ def plot(results: dict, shots: list[int]):
         axes[-1].bar([i + (j - 2) * width for i in range(len(shots))], means, width, yerr=cis, capsize=3,
                      label=m.replace("_", " "), color=f"C{j}")
     axes[-1].set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
-    axes[-1].set(ylabel="test accuracy (mean, 95% interval)", ylim=(0, 1), title="final, same test episodes")
+    low = min(m["mean"] for k in shots for m in results[str(k)]["methods"].values())
+    axes[-1].set(ylabel="test accuracy (mean, 95% interval)", ylim=(max(0.0, low - 0.1), 1),
+                 title="final, same test episodes")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     return fig
