@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 1000)")
     p.add_argument("--val-episodes", type=common.positive_int, help="validation episodes per lr (default 200)")
     p.add_argument("--monitor-episodes", type=common.positive_int,
-                   help="test-class episodes of the accuracy-vs-meta-step curve (default 200)")
-    p.add_argument("--eval-every", type=common.positive_int, help="meta-steps between curve points (default 25)")
+                   help="test-class episodes of the accuracy-vs-meta-step curve (default 150)")
+    p.add_argument("--eval-every", type=common.positive_int, help="meta-steps between curve points (default 30)")
     return p
 
 
@@ -92,8 +92,10 @@ def resolve(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.shots = sorted(set(args.shots))
-    if args.ways > len(TRAIN_CLASSES):
-        raise common.UsageError(f"--ways {args.ways} is more than the {len(TRAIN_CLASSES)} classes of each side")
+    test_classes = len(TEST_CLASSES) * len(SPLITS[args.split])  # the meta-training side has at least as many
+    if args.ways > test_classes:
+        raise common.UsageError(f"--ways {args.ways} is more than the {test_classes} test classes "
+                                f"of --split {args.split}")
     if args.truncate >= args.steps:
         raise common.UsageError(f"--truncate must be below --steps ({args.steps}) to differ from full reverse")
 
@@ -136,7 +138,8 @@ class Episodes:
 
 
 def representation(arch: str, hidden: list[int]) -> nn.Sequential:
-    """``mlp``: Linear+ReLU layers of sizes ``hidden``; ``conv``: stride-2 3x3 convolutions of ``hidden`` channels, then a global mean."""
+    """``mlp``: Linear+ReLU layers of widths ``hidden``; ``conv``: stride-2 3x3 convolutions + ReLU of
+    ``hidden`` channels, then a global mean over positions."""
     layers: list[nn.Module] = [nn.Flatten()] if arch == "mlp" else []
     d = 28 * 28 if arch == "mlp" else 1
     for h in hidden:
@@ -235,8 +238,8 @@ class HyperRepresentation:
         gen, curve = seeded(a.seed, 20 + shots), []
         for i in tqdm(range(a.meta_steps + 1), desc=f"{tag} meta-steps", leave=False):
             if i % a.eval_every == 0 or i == a.meta_steps:  # the curve: fixed test-class episodes, never selects
-                acc = self.accuracy({k: v.detach() for k, v in rep.items()}, float(opt.hparam("lr").detach()), self.test,
-                                    shots, a.monitor_episodes, 12)
+                frozen, lr = {k: v.detach() for k, v in rep.items()}, float(opt.hparam("lr").detach())
+                acc = self.accuracy(frozen, lr, self.test, shots, a.monitor_episodes, 12)
                 curve.append([i, float(acc.mean())])
                 writer.add_scalar(f"{tag}/monitor_test_accuracy", curve[-1][1], i)
             if i == a.meta_steps:
@@ -244,7 +247,8 @@ class HyperRepresentation:
             xs, ys, xq, yq = self.train.sample(a.meta_batch, a.ways, shots, a.queries, gen)
             inner, outer, p0, _ = head_problem(self.features(rep, xs), ys, self.features(rep, xq), yq, a.ways)
             grads = {k: torch.zeros_like(v) for k, v in hparams.items()}
-            for seg in segments(inner, outer, p0, hparams, opt, a.steps, truncate):  # K = T: one segment, full reverse
+            # K = T: one segment, full reverse; K < T: only the last segment reaches the outer loss
+            for seg in segments(inner, outer, p0, hparams, opt, a.steps, truncate):
                 if not seg.finite:
                     break
                 for k, g in seg.grads.items():

@@ -59,6 +59,12 @@ def test_episodes_disjoint_classes_labels_and_determinism(hr):
         eps.check(4)
 
 
+@pytest.mark.parametrize("arch, hidden, dim", [("mlp", [7, 3], 3), ("conv", [4, 6], 6)])
+def test_representation_maps_images_to_features(hr, arch, hidden, dim):
+    net = hr.representation(arch, hidden)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, dim)
+
+
 def test_head_problem_gives_each_episode_its_own_head(hr):
     g = torch.Generator().manual_seed(0)
     fs, fq = torch.randn(3, 4, 5, generator=g), torch.randn(3, 6, 5, generator=g)
@@ -149,7 +155,8 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--truncate", "5", "--steps", "5"], "--truncate must be below"),
     (["--queries", "500"], "images per class"),
-    (["--ways", "6"], "--ways 6"),
+    (["--ways", "11"], "--ways 11 is more than the 10 test classes"),
+    (["--ways", "6", "--split", "digits"], "--ways 6 is more than the 5 test classes"),
     (["--shots", "1,x"], "comma-separated"),
 ])
 def test_bad_input_exits_2_with_one_line(hr, episode_data, tmp_path, capsys, argv, message):
