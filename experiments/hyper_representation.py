@@ -193,8 +193,8 @@ class HyperRepresentation:
 
     def features(self, rep: dict | None, x: torch.Tensor) -> torch.Tensor:
         """``h(x)`` for images ``x`` [..., 1, 28, 28] -> [..., d]; the raw pixels when ``rep`` is None."""
-        lead, flat = x.shape[:-3], x.reshape(-1, *x.shape[-3:])
-        return (flat.flatten(1) if rep is None else functional_call(self.net, rep, (flat,))).reshape(*lead, -1)
+        batch_dims, flat = x.shape[:-3], x.reshape(-1, *x.shape[-3:])
+        return (flat.flatten(1) if rep is None else functional_call(self.net, rep, (flat,))).reshape(*batch_dims, -1)
 
     def accuracy(self, rep: dict | None, lr: float, eps: Episodes, shots: int, n: int, seed: int) -> torch.Tensor:
         """Query accuracy of each of ``n`` episodes after the T-step head fit (no graph)."""
