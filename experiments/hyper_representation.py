@@ -1,0 +1,337 @@
+"""Hyper-representation (Franceschi, Frasconi, Salzo, Grazzi & Pontil, ICML 2018; FAR-HO).
+
+A representation ``h_lambda`` (a ReLU MLP on the 784 pixels, or a small convnet) shared by every episode, and
+the inner learning rate, are the outer variables. Each N-way K-shot episode fits only a
+linear head ``(W, b)``, from zero, by T steps of gradient descent on the cross-entropy of
+``h_lambda(support)``; the outer objective is the query cross-entropy after those T steps,
+averaged over a meta-batch of episodes. Its gradient with respect to ``lambda`` and the
+learning rate is taken by reverse mode through the T steps (``l2o.hypergrad.segments`` with
+K = T, which is ``reverse``) and, in a second run, by truncated reverse through the last K
+steps only. The episodes of a meta-batch are stacked (head ``W`` of shape [B, d, N]; inner
+loss = sum of the episodes' mean losses), so each head gets exactly its own gradient.
+
+Split (default ``--split mixed --rotations 4``): meta-training classes are MNIST digits 0-4 and
+Fashion-MNIST classes 0-4 (t-shirt, trouser, pullover, dress, coat), training images, each at
+four quarter turns as a class of its own: 40 classes. Test episodes: 5 of the 10 classes
+MNIST 5-9 and Fashion-MNIST 5-9 (sandal, shirt, sneaker, bag, ankle boot), upright, training
+and test images (never seen before testing). Validation episodes (held-out test images of
+the training classes) choose the baselines' inner learning rates. Why not MNIST 0-4 / 5-9
+alone (``--split digits --rotations 1``): five training classes are too few: every episode
+holds the same five digits, and the learned representations (both meta-learned and
+supervised) measured below raw pixels on digits 5-9.
+
+Baselines, on the very same test episodes, each with the same head fit (T steps from zero)
+and its inner learning rate chosen from a grid on the validation episodes:
+  (a) supervised: the same MLP trained by ordinary 5-way classification on digits 0-4
+      (Adam through the same unroll, no graph), its classifier dropped;
+  (b) random: the MLP at its initialisation (the meta-training runs start from it);
+  (c) pixels: no representation, the head on the raw 784 pixels.
+Reported: accuracy per test episode, mean +- 95% interval (1.96 sd / sqrt(n)), and the
+paired difference of the hyper-representation to each baseline on the same episodes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+import common
+from l2o.hypergrad import segments, unroll
+from l2o.optim import SGD, Adam
+from l2o.tasks import seeded
+from l2o.tasks.base import cross_entropy
+from l2o.tasks.data import load
+
+NAME = "hyper_representation"
+TRAIN_CLASSES, TEST_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+SPLITS = {"digits": ["mnist"], "mixed": ["mnist", "fashion_mnist"]}  # classes 0-4 of each set train, 5-9 test
+LR_GRID = [10.0 ** (e / 2) for e in range(-6, 5)]  # 1e-3 .. 1e2, half decades
+DEFAULTS = dict(meta_steps=300, meta_batch=16, queries=15, hidden=[512], pretrain_steps=600,
+                test_episodes=1000, val_episodes=200, monitor_episodes=150, eval_every=30)
+QUICK = dict(meta_steps=4, meta_batch=2, queries=2, hidden=[16, 8], pretrain_steps=4,
+             test_episodes=12, val_episodes=6, monitor_episodes=6, eval_every=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = common.parser(NAME, __doc__)
+    p.add_argument("--ways", type=common.positive_int, default=5, help="classes per episode N (default: 5)")
+    p.add_argument("--shots", type=common.int_list, default=[1, 5], help="comma-separated K (default: 1,5)")
+    p.add_argument("--queries", type=common.positive_int, help="query examples per class (default 15)")
+    p.add_argument("--steps", type=common.positive_int, default=5, help="inner head steps T (default: 5)")
+    p.add_argument("--truncate", type=common.positive_int, default=1,
+                   help="steps K the truncated run differentiates through (default: 1)")
+    p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="representation (default: mlp)")
+    p.add_argument("--hidden", type=common.int_list, help="layer widths of the representation (default 512)")
+    p.add_argument("--split", choices=sorted(SPLITS), default="mixed",
+                   help="digits: MNIST 0-4 / 5-9; mixed: MNIST and Fashion-MNIST, 0-4 of both / 5-9 of both "
+                        "(default: mixed)")
+    p.add_argument("--rotations", type=int, choices=[1, 2, 3, 4], default=4,
+                   help="quarter turns of each meta-training class, each a class of its own (default: 4)")
+    p.add_argument("--lr", type=common.positive_float, default=0.1, help="initial inner learning rate (default: 0.1)")
+    p.add_argument("--meta-steps", type=common.positive_int, help="outer steps per run (default 300)")
+    p.add_argument("--meta-batch", type=common.positive_int, help="episodes per outer step (default 16)")
+    p.add_argument("--meta-lr", type=common.positive_float, default=1e-3,
+                   help="Adam step on the representation; 10x on log lr (default: 1e-3)")
+    p.add_argument("--pretrain-steps", type=common.positive_int,
+                   help="steps (batch 128) of baseline (a)'s classification training (default 600)")
+    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 1000)")
+    p.add_argument("--val-episodes", type=common.positive_int, help="validation episodes per lr (default 200)")
+    p.add_argument("--monitor-episodes", type=common.positive_int,
+                   help="test-class episodes of the accuracy-vs-meta-step curve (default 150)")
+    p.add_argument("--eval-every", type=common.positive_int, help="meta-steps between curve points (default 30)")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> None:
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.shots = sorted(set(args.shots))
+    test_classes = len(TEST_CLASSES) * len(SPLITS[args.split])  # the meta-training side has at least as many
+    if args.ways > test_classes:
+        raise common.UsageError(f"--ways {args.ways} is more than the {test_classes} test classes "
+                                f"of --split {args.split}")
+    if args.truncate >= args.steps:
+        raise common.UsageError(f"--truncate must be below --steps ({args.steps}) to differ from full reverse")
+
+
+def class_pools(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], rotations: int = 1) -> list[torch.Tensor]:
+    """The images of each class; with ``rotations`` > 1 each (class, quarter turn) is a class of its own,
+    as Omniglot's rotated characters are (Santoro et al. 2016; Vinyals et al. 2016)."""
+    return [torch.rot90(x[y == c], r, dims=(-2, -1)) for c in classes for r in range(rotations)]
+
+
+class Episodes:
+    """N-way K-shot episodes from a list of classes (``pools`` of images); labels are a fresh random order."""
+
+    def __init__(self, pools: list[torch.Tensor], name: str) -> None:
+        self.pools, self.name = pools, name
+
+    def check(self, per_class: int) -> None:
+        have = min(len(p) for p in self.pools)
+        if have < per_class:
+            raise common.UsageError(f"{self.name} episodes need {per_class} images per class (shots + queries) "
+                                    f"but a class has only {have}; lower --shots or --queries")
+
+    def sample(self, n: int, ways: int, shots: int, queries: int, gen: torch.Generator):
+        """``n`` stacked episodes: support x [n, ways*shots, 1, 28, 28], y [n, ways*shots]; query likewise."""
+        xs, xq = [], []
+        for _ in range(n):
+            classes = torch.randperm(len(self.pools), generator=gen)[:ways]
+            picks = [self.pools[c][torch.randperm(len(self.pools[c]), generator=gen)[:shots + queries]]
+                     for c in classes.tolist()]
+            xs.append(torch.cat([p[:shots] for p in picks]))
+            xq.append(torch.cat([p[shots:] for p in picks]))
+        label = lambda k: torch.arange(ways).repeat_interleave(k).expand(n, -1)  # noqa: E731
+        return torch.stack(xs), label(shots), torch.stack(xq), label(queries)
+
+    def chunks(self, n: int, ways: int, shots: int, queries: int, seed: int, chunk: int = 100):
+        """The same ``n`` episodes for every caller with the same ``seed``, ``chunk`` at a time (bounded memory)."""
+        gen = torch.Generator().manual_seed(seed)
+        for at in range(0, n, chunk):
+            yield self.sample(min(chunk, n - at), ways, shots, queries, gen)
+
+
+def representation(arch: str, hidden: list[int]) -> nn.Sequential:
+    """``mlp``: Linear+ReLU layers of widths ``hidden``; ``conv``: stride-2 3x3 convolutions + ReLU of
+    ``hidden`` channels, then a global mean over positions."""
+    layers: list[nn.Module] = [nn.Flatten()] if arch == "mlp" else []
+    d = 28 * 28 if arch == "mlp" else 1
+    for h in hidden:
+        layers += [nn.Linear(d, h) if arch == "mlp" else nn.Conv2d(d, h, 3, stride=2, padding=1), nn.ReLU()]
+        d = h
+    if arch == "conv":
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def head_problem(fs: torch.Tensor, ys: torch.Tensor, fq: torch.Tensor, yq: torch.Tensor, ways: int):
+    """Inner loss, outer loss and zero head for stacked episodes of features ``fs`` [B, n, d], ``fq``."""
+    def logits(p: dict, f: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(p["b"][:, None], f, p["W"])
+
+    def ce(p: dict, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # one mean loss per episode, [B]
+        return -logits(p, f).log_softmax(-1).gather(-1, y[..., None]).squeeze(-1).mean(-1)
+
+    inner = lambda p, h, t: ce(p, fs, ys).sum()  # noqa: E731 - a sum: each episode's head sees its own gradient
+    outer = lambda p, h: ce(p, fq, yq).mean()  # noqa: E731
+    params0 = {"W": fs.new_zeros(fs.shape[0], fs.shape[-1], ways), "b": fs.new_zeros(fs.shape[0], ways)}
+    return inner, outer, params0, logits
+
+
+def interval(acc: torch.Tensor) -> dict[str, float]:
+    """Mean and 95% normal-approximation half-width over episodes."""
+    return {"mean": float(acc.mean()), "ci95": 1.96 * float(acc.std()) / math.sqrt(len(acc)), "n": len(acc)}
+
+
+class HyperRepresentation:
+    """The data, the representations and the head fit shared by every method."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        train, val, test = [], [], []
+        for name in SPLITS[args.split]:
+            tr, te = load(name, "train", args.data_dir), load(name, "test", args.data_dir)
+            train += class_pools(tr.x, tr.y, TRAIN_CLASSES, args.rotations)
+            val += class_pools(te.x, te.y, TRAIN_CLASSES, args.rotations)
+            test += class_pools(torch.cat([tr.x, te.x]), torch.cat([tr.y, te.y]), TEST_CLASSES)
+        self.train, self.val, self.test = Episodes(train, "meta-training"), Episodes(val, "validation"), \
+            Episodes(test, "test")
+        for eps in (self.train, self.val, self.test):
+            eps.check(max(args.shots) + args.queries)
+        # baseline (a)'s classification data: the meta-training classes, labelled 0 .. classes-1
+        self.cls_x = torch.cat(self.train.pools)
+        self.cls_y = torch.cat([torch.full((len(p),), i) for i, p in enumerate(self.train.pools)])
+        torch.manual_seed(args.seed)
+        self.net = representation(args.arch, args.hidden)
+        self.init = {k: v.detach().clone() for k, v in self.net.named_parameters()}
+
+    def features(self, rep: dict | None, x: torch.Tensor) -> torch.Tensor:
+        """``h(x)`` for images ``x`` [..., 1, 28, 28] -> [..., d]; the raw pixels when ``rep`` is None."""
+        batch_dims, flat = x.shape[:-3], x.reshape(-1, *x.shape[-3:])
+        return (flat.flatten(1) if rep is None else functional_call(self.net, rep, (flat,))).reshape(*batch_dims, -1)
+
+    def accuracy(self, rep: dict | None, lr: float, eps: Episodes, shots: int, n: int, seed: int) -> torch.Tensor:
+        """Query accuracy of each of ``n`` episodes after the T-step head fit (no graph)."""
+        a, out = self.args, []
+        for xs, ys, xq, yq in eps.chunks(n, a.ways, shots, a.queries, seed):
+            with torch.no_grad():
+                fs, fq = self.features(rep, xs), self.features(rep, xq)
+            inner, _, p0, logits = head_problem(fs, ys, fq, yq, a.ways)
+            head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
+            out.append((logits(head, fq).argmax(-1) == yq).to(fq.dtype).mean(-1))
+        return torch.cat(out)
+
+    def tune_lr(self, rep: dict | None, shots: int) -> float:
+        """The grid learning rate with the best validation accuracy (training classes, held-out images)."""
+        scores = [float(self.accuracy(rep, lr, self.val, shots, self.args.val_episodes, 11).mean()) for lr in LR_GRID]
+        return LR_GRID[max(range(len(LR_GRID)), key=scores.__getitem__)]
+
+    def pretrain(self, writer) -> dict:
+        """Baseline (a): the MLP + a 5-way linear classifier trained on digits 0-4 by Adam (library unroll)."""
+        classifier = nn.Linear(self.args.hidden[-1], len(self.train.pools))
+        params = {**self.init, **{f"cls.{k}": v.detach() for k, v in classifier.named_parameters()}}
+        gen = seeded(self.args.seed, 5)
+
+        def loss(p: dict, h: dict, t: int) -> torch.Tensor:
+            idx = torch.randint(0, len(self.cls_y), (128,), generator=gen)
+            f = self.features({k: v for k, v in p.items() if not k.startswith("cls.")}, self.cls_x[idx])
+            return cross_entropy(f @ p["cls.weight"].T + p["cls.bias"], self.cls_y[idx])
+
+        log = lambda t, p, v: writer.add_scalar("supervised/train_loss", v, t)  # noqa: E731
+        res = unroll(loss, params, {}, Adam(lr=1e-3), self.args.pretrain_steps, graph=False, callback=log)
+        return {k: v for k, v in res.params.items() if not k.startswith("cls.")}
+
+    def meta_train(self, shots: int, truncate: int, tag: str, writer) -> dict:
+        """Hypergradient descent (Adam) on the representation and log lr; returns them and the curve."""
+        a = self.args
+        rep = {k: v.clone().requires_grad_() for k, v in self.init.items()}
+        opt = SGD(lr=a.lr).learn(["lr"])
+        hparams = {**{f"rep.{k}": v for k, v in rep.items()}, "log_lr": opt.log_lr}
+        meta = torch.optim.Adam([{"params": list(rep.values()), "lr": a.meta_lr},
+                                 {"params": [opt.log_lr], "lr": 10 * a.meta_lr}])
+        gen, curve = seeded(a.seed, 20 + shots), []
+        for i in tqdm(range(a.meta_steps + 1), desc=f"{tag} meta-steps", leave=False):
+            if i % a.eval_every == 0 or i == a.meta_steps:  # the curve: fixed test-class episodes, never selects
+                frozen, lr = {k: v.detach() for k, v in rep.items()}, float(opt.hparam("lr").detach())
+                acc = self.accuracy(frozen, lr, self.test, shots, a.monitor_episodes, 12)
+                curve.append([i, float(acc.mean())])
+                writer.add_scalar(f"{tag}/monitor_test_accuracy", curve[-1][1], i)
+            if i == a.meta_steps:
+                break
+            xs, ys, xq, yq = self.train.sample(a.meta_batch, a.ways, shots, a.queries, gen)
+            inner, outer, p0, _ = head_problem(self.features(rep, xs), ys, self.features(rep, xq), yq, a.ways)
+            grads = {k: torch.zeros_like(v) for k, v in hparams.items()}
+            # K = T: one segment, full reverse; K < T: only the last segment reaches the outer loss
+            for seg in segments(inner, outer, p0, hparams, opt, a.steps, truncate):
+                if not seg.finite:
+                    break
+                for k, g in seg.grads.items():
+                    grads[k] += g
+            if not seg.finite:  # the learned lr overshot: halve it and draw new episodes
+                with torch.no_grad():
+                    opt.log_lr.sub_(math.log(2.0))
+                continue
+            for k, v in hparams.items():
+                v.grad = grads[k]
+            meta.step()
+            writer.add_scalar(f"{tag}/query_loss", seg.meta_loss, i)
+            writer.add_scalar(f"{tag}/inner_lr", float(opt.hparam("lr").detach()), i)
+            writer.add_scalar(f"{tag}/hypergrad_norm", math.sqrt(sum(float(g.norm()) ** 2 for g in grads.values())), i)
+        return {"rep": {k: v.detach() for k, v in rep.items()}, "lr": float(opt.hparam("lr").detach()), "curve": curve}
+
+
+def plot(results: dict, shots: list[int]):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(5.5 * (len(shots) + 1), 4))
+    for ax, k in zip(axes, shots):
+        r = results[str(k)]
+        for key, style in (("hyper_reverse", "C0-"), ("hyper_truncated", "C1-")):
+            c = r["curves"][key]
+            ax.plot([p[0] for p in c], [p[1] for p in c], style, label=key.replace("_", " "))
+        for j, key in enumerate(("supervised", "random", "pixels")):
+            ax.axhline(r["methods"][key]["mean"], color=f"C{j + 2}", ls="--", label=f"{key} (final)")
+        ax.set(xlabel="meta-step", ylabel="test-class episode accuracy", title=f"{k}-shot: accuracy vs meta-steps")
+        ax.legend(fontsize=7)
+    names = ["hyper_reverse", "hyper_truncated", "supervised", "random", "pixels"]
+    width = 0.8 / len(names)
+    for j, m in enumerate(names):
+        means = [results[str(k)]["methods"][m]["mean"] for k in shots]
+        cis = [results[str(k)]["methods"][m]["ci95"] for k in shots]
+        axes[-1].bar([i + (j - 2) * width for i in range(len(shots))], means, width, yerr=cis, capsize=3,
+                     label=m.replace("_", " "), color=f"C{j}")
+    axes[-1].set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
+    low = min(m["mean"] for k in shots for m in results[str(k)]["methods"].values())
+    axes[-1].set(ylabel="test accuracy (mean, 95% interval)", ylim=(max(0.0, low - 0.1), 1),
+                 title="final, same test episodes")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def run(args: argparse.Namespace) -> dict:
+    resolve(args)
+    writer = common.start(args, NAME)
+    prob = HyperRepresentation(args)
+    supervised = prob.pretrain(writer)
+    results = {}
+    for k in args.shots:
+        runs = {"hyper_reverse": prob.meta_train(k, args.steps, f"{k}shot_reverse", writer),
+                "hyper_truncated": prob.meta_train(k, args.truncate, f"{k}shot_truncated", writer)}
+        reps = {**{m: (r["rep"], r["lr"]) for m, r in runs.items()},
+                **{m: (rep, prob.tune_lr(rep, k)) for m, rep in
+                   (("supervised", supervised), ("random", prob.init), ("pixels", None))}}
+        accs = {m: prob.accuracy(rep, lr, prob.test, k, args.test_episodes, 13) for m, (rep, lr) in reps.items()}
+        methods = {m: {**interval(acc), "inner_lr": reps[m][1]} for m, acc in accs.items()}
+        paired = {b: interval(accs["hyper_reverse"] - accs[b]) for b in ("supervised", "random", "pixels")}
+        hr = methods["hyper_reverse"]
+        beats = all(hr["mean"] - hr["ci95"] > methods[b]["mean"] + methods[b]["ci95"] for b in paired)
+        results[str(k)] = {"methods": methods, "paired_difference": paired, "beats_every_baseline": beats,
+                           "curves": {m: r["curve"] for m, r in runs.items()}}
+        print(f"{args.ways}-way {k}-shot test accuracy over {args.test_episodes} episodes: " + ", ".join(
+            f"{m} {v['mean']:.3f}+-{v['ci95']:.3f}" for m, v in methods.items()))
+    fig = plot(results, args.shots)
+    sets = " and ".join(SPLITS[args.split])
+    out = {"split": {"name": args.split, "meta_train": f"{sets} classes 0-4 x {args.rotations} quarter turns, "
+                     f"training images ({len(prob.train.pools)} classes)",
+                     "validation": "the same classes, test images", "test": f"{sets} classes 5-9, upright, "
+                     f"training and test images ({len(prob.test.pools)} classes)"},
+           "arch": args.arch,
+           "ways": args.ways, "shots": args.shots, "queries": args.queries, "steps": args.steps,
+           "truncate": args.truncate, "hidden": args.hidden, "meta_steps": args.meta_steps,
+           "meta_batch": args.meta_batch, "by_shot": results}
+    return common.finish(args, NAME, out, fig, writer)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return common.cli(NAME, build_parser, run, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
