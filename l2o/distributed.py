@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
 import socket
 from dataclasses import dataclass
@@ -100,8 +101,7 @@ class Context:
         try:
             return op()
         except RuntimeError as exc:  # DistBackendError, gloo "connection closed by peer", timeouts
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-            raise PeerLost(f"rank {self.rank}: lost contact with another process ({first})") from None
+            raise PeerLost(f"rank {self.rank}: lost contact with another process ({_reason(exc)})") from None
 
     def all_sum(self, flat: torch.Tensor) -> torch.Tensor:
         """Sum ``flat`` over the ranks in place (and return it)."""
@@ -162,6 +162,22 @@ class Context:
         if self.active:
             self._collective(lambda: dist.barrier())
 
+    def stop_together(self) -> None:
+        """Leave the group on an error every rank shares (bad input): after a barrier, so all have reached it.
+
+        torchrun stops the other ranks (SIGTERM) as soon as the first exits; from here on
+        SIGTERM exits with code 2 too, so every rank reports the usage error's status.
+        """
+        if not (self.active and dist.is_initialized()):
+            return
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+        _OLD_SIGTERM.clear()
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass  # a peer already left: nothing to wait for
+        dist.destroy_process_group()
+
     def close(self) -> None:
         """Leave the group (and give back the SIGTERM handler :func:`init` installed)."""
         if self.active and dist.is_initialized():
@@ -171,6 +187,13 @@ class Context:
 
 
 LOCAL = Context()
+
+
+def _reason(exc: BaseException) -> str:
+    """The gist of a backend error: first sentence, without the C++ source location."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 _OLD_SIGTERM: list = []
@@ -189,19 +212,25 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
     ``threads``, else ``L2O_THREADS``, else :func:`default_threads`, and turns the
     launcher's SIGTERM into :class:`PeerLost`.
     """
-    chosen = choose_backend(device, backend)
     if not launched():
+        choose_backend(device, backend)
         return LOCAL
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
     if world == 1:
+        choose_backend(device, backend)
         return LOCAL
-    if torch.device(device).type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} asked for, but CUDA is not available here")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    problem = None  # bad input is reported after joining (with gloo), so every rank leaves together
+    try:
+        chosen = choose_backend(device, backend)
+        if torch.device(device).type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device {device} asked for, but CUDA is not available here")
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    except UsageError as exc:
+        chosen, problem = "gloo", exc
     threads = threads or int(os.environ.get("L2O_THREADS", "0")) or \
         default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     torch.set_num_threads(threads)
@@ -209,8 +238,12 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
     try:
         dist.init_process_group(chosen, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
-        raise PeerLost(f"rank {rank}: could not join the process group ({str(exc).splitlines()[0][:200]})") from None
-    return Context(rank, world, local_rank, chosen)
+        raise PeerLost(f"rank {rank}: could not join the process group ({_reason(exc)})") from None
+    ctx = Context(rank, world, local_rank, chosen)
+    if problem is not None:
+        ctx.stop_together()
+        raise problem
+    return ctx
 
 
 def device_for(ctx: Context, device: str) -> str:

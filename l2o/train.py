@@ -318,6 +318,9 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         ctx.shard(cfg.meta_batch)  # a world size that does not divide the meta-batch is a usage error
         cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device))
         return _fit(cfg, ctx, resume, stop_after, progress and ctx.is_main, tensorboard and ctx.is_main)
+    except (ValueError, FileNotFoundError):  # bad input (UsageError, CheckpointError, DataNotFoundError)
+        ctx.stop_together()  # every rank has it: leave together, exit 2 everywhere
+        raise
     finally:
         ctx.close()
 
