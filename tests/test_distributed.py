@@ -150,3 +150,37 @@ def test_killed_rank_stops_the_others_and_resume_continues(tmp_path):
                  "--save-every", "5", "--resume")
     assert r.returncode == 0, r.stderr
     assert torch.load(str(ck), weights_only=True)["meta_step"] == saved + 2
+
+
+def _numbers(x, path=""):
+    """Every leaf of a results dict except run times (the one thing more processes should change)."""
+    if isinstance(x, dict):
+        return {k2: v2 for k, v in x.items() if k != "runtime_s" for k2, v2 in _numbers(v, f"{path}/{k}").items()}
+    if isinstance(x, list):
+        return {k2: v2 for i, v in enumerate(x) for k2, v2 in _numbers(v, f"{path}/{i}").items()}
+    return {path: x}
+
+
+def test_meta_eval_workers_give_the_results_of_one_process(tmp_path, tiny_data):
+    import json
+
+    opt = __import__("l2o").optim.LSTMOptimizer(hidden=4, layers=1)
+    from l2o import checkpoint
+
+    ckpt = str(tmp_path / "my_lstm.pt")
+    checkpoint.save(ckpt, {"optimizer": checkpoint.optimizer_payload(opt), "best": None, "config": {}, "meta_step": 0})
+    common = ["--checkpoint", ckpt, "--tasks", "mnist_mlp,quadratic", "--steps", "4", "--seeds", "3",
+              "--tuning-seeds", "2", "--baselines", "sgd,adam", "--grid", "0.01,1,3", "--test-points", "2",
+              "--data-dir", tiny_data, "--no-progress", "--no-cache"]
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "meta_eval.py"), *common, "--out", str(out),
+                            "--workers", str(n)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("## quadratic") == 1  # rank 0 alone prints
+        outs[n] = json.loads((out / "results.json").read_text())
+        assert sorted(os.listdir(out)) == ["mnist_mlp.png", "quadratic.png", "results.json", "results.md", "tb"]
+    one, two = _numbers(outs[1]), _numbers(outs[2])
+    assert one == two and len(one) > 100
