@@ -1,0 +1,110 @@
+"""Scaling over processes: meta-steps per second and meta_eval wall time, 1 process against 2.
+
+    python benchmarks/distributed_scaling.py --data-dir DATA              # both parts
+    python benchmarks/distributed_scaling.py --data-dir DATA --part train --rounds 3
+
+Meta-training: the shipped MNIST setup (2x20 LSTM, 1x20 sigmoid MLP, 100-step unrolls
+truncated every 20) with meta-batch 2, launched with ``torchrun --nproc_per_node=N``;
+each launch times ``--steps`` meta-steps after one warm-up step, so start-up, Adam
+tuning and validation are left out. Configurations: 1 process with 1 and with 2 torch
+threads (``--meta-batch 2`` in one process), and 2 processes of 1 thread (one member
+each). Evaluation: ``meta_eval.py --baselines-only --no-cache`` on a few suite tasks with
+``--workers 1`` and ``--workers 2``, wall time of the whole command (start-up included).
+
+Rounds alternate the configurations side by side, so a load change on a shared machine
+hits them alike; the ratio is of the medians. ``uptime`` is printed before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank under torchrun: time meta-steps of the MNIST LSTM setup."""
+    sys.path.insert(0, ROOT)
+    from l2o import distributed
+    from l2o.config import TrainConfig
+    from l2o.train import MetaTrainer
+
+    ctx = distributed.init("cpu")
+    cfg = TrainConfig(meta_batch=2, data_dir=args.data_dir, meta_steps=args.steps + 1, seed=1)
+    trainer = MetaTrainer(cfg)
+    trainer.dist = ctx
+    trainer.meta_step_once()  # warm-up
+    ctx.barrier()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.meta_step_once()
+    ctx.barrier()
+    took = time.perf_counter() - t0
+    if ctx.is_main:
+        print(json.dumps({"steps_per_s": args.steps / took}))
+    ctx.close()
+
+
+def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), L2O_THREADS=str(threads), PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(__file__), "--worker", "--steps", str(args.steps), "--data-dir", args.data_dir]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])["steps_per_s"]
+
+
+def launch_eval(workers: int, args: argparse.Namespace, out: str) -> float:
+    cmd = [sys.executable, os.path.join(ROOT, "meta_eval.py"), "--baselines-only", "--no-cache", "--no-progress",
+           "--tasks", args.eval_tasks, "--data-dir", args.data_dir, "--out", out, "--workers", str(workers)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
+    return time.perf_counter() - t0
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=os.environ.get("L2O_DATA_DIR"))
+    ap.add_argument("--part", choices=("train", "eval", "both"), default="both")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed meta-steps per launch")
+    ap.add_argument("--eval-tasks", default="mnist_mlp,quadratic")
+    ap.add_argument("--out", default="/tmp/l2o_dist_bench")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    print(f"# {uptime()}  (cores: {os.cpu_count()})")
+    if args.part in ("train", "both"):
+        rates: dict[str, list[float]] = {"1 proc x 1 thread": [], "1 proc x 2 threads": [], "2 procs x 1 thread": []}
+        for rnd in range(args.rounds):
+            for name, (n, t) in zip(rates, [(1, 1), (1, 2), (2, 1)]):
+                rates[name].append(launch_train(n, t, args))
+            print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rates.items()), flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        best1 = max(med["1 proc x 1 thread"], med["1 proc x 2 threads"])
+        for k, v in med.items():
+            print(f"meta-train {k:<20} {v:.3f} meta-steps/s (median of {args.rounds})")
+        print(f"meta-train speed-up, 2 processes / best 1 process: {med['2 procs x 1 thread'] / best1:.2f}x")
+    if args.part in ("eval", "both"):
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        for rnd in range(args.rounds):
+            for w in (1, 2):
+                walls[w].append(launch_eval(w, args, os.path.join(args.out, f"eval{w}")))
+            print(f"round {rnd}: 1 worker {walls[1][-1]:.1f} s, 2 workers {walls[2][-1]:.1f} s", flush=True)
+        m1, m2 = statistics.median(walls[1]), statistics.median(walls[2])
+        print(f"meta_eval --tasks {args.eval_tasks} --baselines-only: 1 worker {m1:.1f} s, 2 workers {m2:.1f} s "
+              f"(median of {args.rounds}); speed-up {m1 / m2:.2f}x")
+    print(f"# {uptime()}")
+
+
+if __name__ == "__main__":
+    main()
