@@ -60,7 +60,8 @@ def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> float:
 
 def launch_eval(workers: int, args: argparse.Namespace, out: str) -> float:
     cmd = [sys.executable, os.path.join(ROOT, "meta_eval.py"), "--baselines-only", "--no-cache", "--no-progress",
-           "--tasks", args.eval_tasks, "--data-dir", args.data_dir, "--out", out, "--workers", str(workers)]
+           "--tasks", args.eval_tasks, "--seeds", str(args.eval_seeds), "--tuning-seeds", str(args.tuning_seeds),
+           "--data-dir", args.data_dir, "--out", out, "--workers", str(workers)]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
     return time.perf_counter() - t0
@@ -76,7 +77,10 @@ def main() -> None:
     ap.add_argument("--part", choices=("train", "eval", "both"), default="both")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=4, help="timed meta-steps per launch")
-    ap.add_argument("--eval-tasks", default="mnist_mlp,quadratic")
+    ap.add_argument("--eval-tasks", default="mnist_mlp")
+    ap.add_argument("--eval-seeds", type=int, default=10)
+    ap.add_argument("--tuning-seeds", type=int, default=3)
+    ap.add_argument("--two-threads", action="store_true", help="also time 1 process with 2 torch threads")
     ap.add_argument("--out", default="/tmp/l2o_dist_bench")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -84,13 +88,16 @@ def main() -> None:
         return worker(args)
     print(f"# {uptime()}  (cores: {os.cpu_count()})")
     if args.part in ("train", "both"):
-        rates: dict[str, list[float]] = {"1 proc x 1 thread": [], "1 proc x 2 threads": [], "2 procs x 1 thread": []}
+        configs = {"1 proc x 1 thread": (1, 1), "2 procs x 1 thread": (2, 1)}
+        if args.two_threads:
+            configs["1 proc x 2 threads"] = (1, 2)
+        rates: dict[str, list[float]] = {k: [] for k in configs}
         for rnd in range(args.rounds):
-            for name, (n, t) in zip(rates, [(1, 1), (1, 2), (2, 1)]):
+            for name, (n, t) in configs.items():
                 rates[name].append(launch_train(n, t, args))
             print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rates.items()), flush=True)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        best1 = max(med["1 proc x 1 thread"], med["1 proc x 2 threads"])
+        best1 = max(v for k, v in med.items() if k.startswith("1 proc"))
         for k, v in med.items():
             print(f"meta-train {k:<20} {v:.3f} meta-steps/s (median of {args.rounds})")
         print(f"meta-train speed-up, 2 processes / best 1 process: {med['2 procs x 1 thread'] / best1:.2f}x")
@@ -101,7 +108,8 @@ def main() -> None:
                 walls[w].append(launch_eval(w, args, os.path.join(args.out, f"eval{w}")))
             print(f"round {rnd}: 1 worker {walls[1][-1]:.1f} s, 2 workers {walls[2][-1]:.1f} s", flush=True)
         m1, m2 = statistics.median(walls[1]), statistics.median(walls[2])
-        print(f"meta_eval --tasks {args.eval_tasks} --baselines-only: 1 worker {m1:.1f} s, 2 workers {m2:.1f} s "
+        print(f"meta_eval --tasks {args.eval_tasks} --baselines-only --seeds {args.eval_seeds} "
+              f"--tuning-seeds {args.tuning_seeds}: 1 worker {m1:.1f} s, 2 workers {m2:.1f} s "
               f"(median of {args.rounds}); speed-up {m1 / m2:.2f}x")
     print(f"# {uptime()}")
 

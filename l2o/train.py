@@ -308,9 +308,6 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         stop_after: stop (with a checkpoint) after this many meta-steps of this call.
     """
     import dataclasses
-    import os
-
-    from .logging import RunLogger
 
     # [distributed] join torchrun's group (none without torchrun); rank 0 reads the disk, decides for all
     ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout)

@@ -184,3 +184,32 @@ def test_meta_eval_workers_give_the_results_of_one_process(tmp_path, tiny_data):
         assert sorted(os.listdir(out)) == ["mnist_mlp.png", "quadratic.png", "results.json", "results.md", "tb"]
     one, two = _numbers(outs[1]), _numbers(outs[2])
     assert one == two and len(one) > 100
+
+
+def test_backend_must_fit_the_device_even_in_one_process(tmp_path, capsys):
+    import meta_train
+
+    from l2o import distributed
+
+    assert distributed.choose_backend("cpu") == "gloo" and distributed.choose_backend("cuda") == "nccl"
+    assert distributed.choose_backend("cuda", "gloo") == "gloo"
+    for backend, needle in (("nccl", "needs CUDA"), ("mpi", "unknown --dist-backend")):
+        code = meta_train.main(["--task", "quadratic", "--dist-backend", backend, "--no-progress",
+                                "--log-dir", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "ck.pt")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not os.path.exists(tmp_path / "ck.pt") and not os.path.exists(tmp_path / "runs")
+
+
+def test_one_process_context_is_the_identity():
+    from l2o import distributed
+
+    ctx = distributed.LOCAL
+    assert not ctx.active and ctx.is_main and ctx.shard(3) == range(3)
+    assert ctx.map(lambda x: x * x, [1, 2, 3]) == [1, 4, 9] and ctx.decide(lambda: 7) == 7
+    flat = torch.ones(3)
+    assert ctx.all_sum(flat) is flat and torch.equal(flat, torch.ones(3))
+    two = distributed.Context(rank=1, world_size=2)
+    assert two.shard(4) == range(2, 4)
+    with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
+        two.shard(3)
