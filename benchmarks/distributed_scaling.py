@@ -30,6 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: time meta-steps of the MNIST LSTM setup."""
     sys.path.insert(0, ROOT)
+    import torch
+
     from l2o import distributed
     from l2o.config import TrainConfig
     from l2o.train import MetaTrainer
@@ -40,31 +42,37 @@ def worker(args: argparse.Namespace) -> None:
     trainer.dist = ctx
     trainer.meta_step_once()  # warm-up
     ctx.barrier()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         trainer.meta_step_once()
+    cpu = torch.tensor([time.process_time() - c0])
     ctx.barrier()
     took = time.perf_counter() - t0
+    if ctx.active:  # the busiest rank's CPU time: what the wall time would be on otherwise idle cores
+        torch.distributed.all_reduce(cpu, op=torch.distributed.ReduceOp.MAX)
     if ctx.is_main:
-        print(json.dumps({"steps_per_s": args.steps / took}))
+        print(json.dumps({"steps_per_s": args.steps / took, "cpu_steps_per_s": args.steps / float(cpu)}))
     ctx.close()
 
 
-def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> float:
+def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), L2O_THREADS=str(threads), PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", "--steps", str(args.steps), "--data-dir", args.data_dir]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])["steps_per_s"]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def launch_eval(workers: int, args: argparse.Namespace, out: str) -> float:
+def launch_eval(workers: int, args: argparse.Namespace, out: str) -> tuple[float, float]:
+    """Wall time of the command, and the suite's own run time (start-up and data loading left out)."""
     cmd = [sys.executable, os.path.join(ROOT, "meta_eval.py"), "--baselines-only", "--no-cache", "--no-progress",
            "--tasks", args.eval_tasks, "--seeds", str(args.eval_seeds), "--tuning-seeds", str(args.tuning_seeds),
            "--data-dir", args.data_dir, "--out", out, "--workers", str(workers)]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    with open(os.path.join(out, "results.json")) as fh:
+        return wall, json.load(fh)["config"]["runtime_s"]
 
 
 def uptime() -> str:
@@ -91,26 +99,31 @@ def main() -> None:
         configs = {"1 proc x 1 thread": (1, 1), "2 procs x 1 thread": (2, 1)}
         if args.two_threads:
             configs["1 proc x 2 threads"] = (1, 2)
-        rates: dict[str, list[float]] = {k: [] for k in configs}
+        rates: dict[str, list[dict]] = {k: [] for k in configs}
         for rnd in range(args.rounds):
             for name, (n, t) in configs.items():
                 rates[name].append(launch_train(n, t, args))
-            print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in rates.items()), flush=True)
-        med = {k: statistics.median(v) for k, v in rates.items()}
-        best1 = max(v for k, v in med.items() if k.startswith("1 proc"))
-        for k, v in med.items():
-            print(f"meta-train {k:<20} {v:.3f} meta-steps/s (median of {args.rounds})")
-        print(f"meta-train speed-up, 2 processes / best 1 process: {med['2 procs x 1 thread'] / best1:.2f}x")
+            print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]['steps_per_s']:.3f} (cpu-bound {v[-1]['cpu_steps_per_s']:.3f})"
+                                               for k, v in rates.items()), flush=True)
+        for key, what in (("steps_per_s", "wall"), ("cpu_steps_per_s", "busiest rank's CPU time")):
+            med = {k: statistics.median(r[key] for r in v) for k, v in rates.items()}
+            best1 = max(v for k, v in med.items() if k.startswith("1 proc"))
+            for k, v in med.items():
+                print(f"meta-train {k:<20} {v:.3f} meta-steps/s by {what} (median of {args.rounds})")
+            print(f"meta-train speed-up by {what}, 2 processes / best 1 process: "
+                  f"{med['2 procs x 1 thread'] / best1:.2f}x")
     if args.part in ("eval", "both"):
-        walls: dict[int, list[float]] = {1: [], 2: []}
+        walls: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
         for rnd in range(args.rounds):
             for w in (1, 2):
                 walls[w].append(launch_eval(w, args, os.path.join(args.out, f"eval{w}")))
-            print(f"round {rnd}: 1 worker {walls[1][-1]:.1f} s, 2 workers {walls[2][-1]:.1f} s", flush=True)
-        m1, m2 = statistics.median(walls[1]), statistics.median(walls[2])
-        print(f"meta_eval --tasks {args.eval_tasks} --baselines-only --seeds {args.eval_seeds} "
-              f"--tuning-seeds {args.tuning_seeds}: 1 worker {m1:.1f} s, 2 workers {m2:.1f} s "
-              f"(median of {args.rounds}); speed-up {m1 / m2:.2f}x")
+            print(f"round {rnd}: " + ", ".join(f"{w} worker(s) {v[-1][0]:.1f} s (suite {v[-1][1]:.1f} s)"
+                                               for w, v in walls.items()), flush=True)
+        for i, what in ((0, "whole command"), (1, "suite run time, start-up left out")):
+            m1, m2 = (statistics.median(x[i] for x in walls[w]) for w in (1, 2))
+            print(f"meta_eval --tasks {args.eval_tasks} --baselines-only --seeds {args.eval_seeds} --tuning-seeds "
+                  f"{args.tuning_seeds}, {what}: 1 worker {m1:.1f} s, 2 workers {m2:.1f} s (median of {args.rounds}); "
+                  f"speed-up {m1 / m2:.2f}x")
     print(f"# {uptime()}")
 
 
