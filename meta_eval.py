@@ -3,6 +3,8 @@
     python meta_eval.py                                   # checkpoints/lstm_mnist.pt on the default suite
     python meta_eval.py --checkpoint runs/a.pt --checkpoint runs/b.pt --tasks mnist_mlp,quadratic
     python meta_eval.py --baselines-only --seeds 5 --out eval_out
+    python meta_eval.py --workers 2                       # spread tuning and evaluation over 2 processes
+    torchrun --standalone --nproc_per_node=2 meta_eval.py # the same under torchrun (or across machines)
 
 Writes OUT/results.json, OUT/results.md (also printed), OUT/<task>.png and TensorBoard
 runs under OUT/tb (``tensorboard --logdir OUT/tb``). The logic lives in l2o.suite.
@@ -25,7 +27,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # with several processes every rank fails alike; rank 0 says so
+        print(f"{PROG}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -92,6 +95,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=positive, default=1, metavar="N",
                    help="torch CPU threads (default 1: these small models gain nothing from more, "
                         "and oversubscribed cores make them many times slower)")
+    p.add_argument("--workers", type=positive, default=1, metavar="N",
+                   help="processes to spread tuning and evaluation over (default 1; under torchrun its processes "
+                        "are used); the results are the same as with one")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
     if args.baselines == ["none"]:
@@ -106,6 +112,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from l2o import distributed
+
+    if args.workers > 1:
+        if distributed.launched():
+            fail("--workers starts its own processes; under torchrun leave it out (torchrun's processes are used)")
+        with distributed.spawn_workers(args.workers, _worker, (argv if argv is not None else sys.argv[1:],)):
+            return evaluate(args)
+    return evaluate(args)
+
+
+def _worker(argv: list[str]) -> None:
+    """Ranks 1.. of ``--workers N`` (child processes): the same evaluation, silent."""
+    args = parse(argv)
+    try:
+        evaluate(args)
+    except SystemExit:
+        pass
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Check the inputs, then run the suite (as one rank of several when launched so)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -134,22 +161,39 @@ def main(argv: list[str] | None = None) -> int:
         learned = suite.load_learned(paths, args.which, str(device))
         entries = suite.select(args.tasks)
         notes: list[str] = []
-        built = suite.build_tasks(entries, args.data_dir, str(device), log=lambda m: (notes.append(m), print(m)))
-        os.makedirs(args.out, exist_ok=True)
+        main_rank = os.environ.get("RANK", "0") == "0"
+        built = suite.build_tasks(entries, args.data_dir, str(device),
+                                  log=lambda m: (notes.append(m), main_rank and print(m)))
+        if main_rank:
+            os.makedirs(args.out, exist_ok=True)
     except (CheckpointError, DataNotFoundError, ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if not built:
         fail("no task left to evaluate (their data is missing)")
     cache = suite.TuningCache(None if args.no_cache else (args.cache_dir or suite.TuningCache.default_folder()))
+    from l2o import distributed
+
+    try:
+        ctx = distributed.init(str(device), threads=args.threads)
+    except (distributed.PeerLost, ValueError) as exc:
+        fail(str(exc))
     try:
         results = suite.run(built, learned, args.out, baselines=args.baselines,
                             seeds=[suite.EVAL_SEEDS[0] + i for i in range(args.seeds)],
                             tuning_seeds=list(range(args.tuning_seeds)),
                             grids={b: args.grid for b in args.baselines} if args.grid else None, steps=args.steps,
-                            cache=cache, n_checkpoints=args.test_points, progress=not args.no_progress, notes=notes)
+                            cache=cache, n_checkpoints=args.test_points, progress=not args.no_progress, notes=notes,
+                            ctx=ctx)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; results of the tasks finished so far are in {args.out}", file=sys.stderr)
         return 130
+    except distributed.PeerLost as exc:
+        print(f"{PROG}: {exc}; results of the tasks finished so far are in {args.out}", file=sys.stderr)
+        return 1
+    finally:
+        ctx.close()
+    if not ctx.is_main:
+        return 0
     from l2o.report import markdown
 
     print(markdown(results), end="")
@@ -160,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except KeyboardInterrupt:  # during imports or setup
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         sys.exit(130)
+    if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

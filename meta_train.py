@@ -12,10 +12,12 @@ Examples:
     python meta_train.py --optimizer momentum --learn lr,momentum --method forward --objective final_train
     python meta_train.py --optimizer sgd --learn weight_decay --method implicit --objective final_test --online 50
     python meta_train.py --resume                          # continue an interrupted run exactly
+    torchrun --standalone --nproc_per_node=2 meta_train.py --meta-batch 2   # 2 processes, 1 optimizee each
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from l2o.checkpoint import CheckpointError
@@ -89,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run stored in the checkpoint")
     g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N meta-steps of this invocation")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = ap.add_argument_group("several processes (under torchrun)")
+    g.add_argument("--dist-backend", help="gloo or nccl (default: gloo on CPU, nccl on CUDA)")
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="seconds a process waits for a silent peer before giving up (default %(default)s)")
     return ap
 
 
@@ -101,17 +107,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from l2o.distributed import PeerLost, env_rank
     from l2o.train import fit
 
+    main_rank = env_rank() == 0  # under torchrun every rank fails alike; rank 0 alone says so
     try:
         cfg = config_from_args(args)
         trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
-        print(f"meta_train.py: error: {exc}", file=sys.stderr)
+        if main_rank:
+            print(f"meta_train.py: error: {exc}", file=sys.stderr)
         return 2
+    except PeerLost as exc:  # another process died or went silent; the checkpoint is intact
+        print(f"meta_train.py: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         print(f"meta_train.py: {exc or 'interrupted'}", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     best = trainer.best
     msg = f"done: {trainer.meta_step} meta-steps, checkpoint {cfg.checkpoint_path}"
     if best:
@@ -121,4 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -66,10 +66,14 @@ class TrainConfig:
     log_dir: str = "runs"
     checkpoint: str | None = None
     init_from: str | None = None             # start from the (best) weights of another checkpoint
+    # torchrun (ignored without it): collective backend (default gloo on CPU, nccl on CUDA), peer timeout
+    dist_backend: str | None = None
+    dist_timeout: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     # keys that may differ between an interrupted run and its resumption
-    RESUMABLE_CHANGES = ("meta_steps", "val_every", "save_every", "device", "log_dir", "data_dir", "checkpoint", "name")
+    RESUMABLE_CHANGES = ("meta_steps", "val_every", "save_every", "device", "log_dir", "data_dir", "checkpoint", "name",
+                          "dist_backend", "dist_timeout")
 
     @property
     def run_name(self) -> str:
@@ -118,6 +122,7 @@ class TrainConfig:
         need(self.online is None or self.online >= 1, f"--online must be a positive integer, got {self.online}")
         need(self.outer_lr > 0, f"--outer-lr must be > 0, got {self.outer_lr}")
         need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        need(self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         need(self.outer_optimizer in ("adam", "sgd", "rmsprop"), "--outer-optimizer must be adam, sgd or rmsprop")
         need(self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
         is_lstm = self.optimizer == "lstm"

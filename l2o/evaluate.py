@@ -129,7 +129,8 @@ def log_grid(lo: float, hi: float, n: int) -> list[float]:
 
 def tune_lr(task: Task, make_opt: Callable[[float], DifferentiableOptimizer], grid: Sequence[float],
             seeds: Sequence[int], steps: int, extend: int = 0,
-            on_score: Callable[[float, float], None] | None = None) -> tuple[float, dict[float, float]]:
+            on_score: Callable[[float, float], None] | None = None,
+            map_fn: Callable[[Callable, list], list] | None = None) -> tuple[float, dict[float, float]]:
     """Pick the learning rate with the lowest mean final training loss on ``seeds``.
 
     Args:
@@ -139,6 +140,9 @@ def tune_lr(task: Task, make_opt: Callable[[float], DifferentiableOptimizer], gr
             ``extend`` more rates beyond that edge, one grid ratio apart (a grid that
             was too narrow widens itself instead of reporting its edge).
         on_score: called as ``on_score(lr, score)`` after each rate (progress).
+        map_fn: ``map_fn(fn, items) -> [fn(x) for x in items]``, e.g. spread over processes by
+            :meth:`l2o.distributed.Context.map`; every rate of the grid is one call, so the
+            work spreads evenly, and the scores are the same sums in the same order.
 
     Returns:
         ``(best_lr, {lr: mean final loss})``; diverged runs score ``inf``.
@@ -147,14 +151,18 @@ def tune_lr(task: Task, make_opt: Callable[[float], DifferentiableOptimizer], gr
     if not grid:
         raise ValueError("tune_lr needs at least one learning rate")
     scores: dict[float, float] = {}
+    seeds, mapper = list(seeds), map_fn or (lambda fn, items: [fn(x) for x in items])
 
-    def score(lr: float) -> None:
-        scores[lr] = mean_final_loss(task, lambda: make_opt(lr), seeds, steps)
-        if on_score is not None:
-            on_score(lr, scores[lr])
+    def score(*lrs: float) -> None:
+        jobs = [(lr, s) for lr in lrs for s in seeds]
+        vals = mapper(lambda job: rollout(task, make_opt(job[0]), job[1], steps).final_loss, jobs)
+        for i, lr in enumerate(lrs):
+            mine = vals[i * len(seeds):(i + 1) * len(seeds)]
+            scores[lr] = sum(mine) / len(mine)  # as mean_final_loss: the same sum in the same order
+            if on_score is not None:
+                on_score(lr, scores[lr])
 
-    for lr in grid:
-        score(lr)
+    score(*grid)
     ratio = (grid[-1] / grid[0]) ** (1.0 / (len(grid) - 1)) if len(grid) > 1 else 1.0
     for _ in range(extend if ratio > 1.0 else 0):
         best, tried = min(scores, key=lambda lr: scores[lr]), sorted(scores)

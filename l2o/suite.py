@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import checkpoint, optim, report, tasks
-from .evaluate import log_grid, rollout, tune_lr
+from .distributed import LOCAL, Context
+from .evaluate import Rollout, log_grid, rollout, tune_lr
 from .optim import DifferentiableOptimizer
 from .tasks import DataNotFoundError, Task
 from .tasks.data import data_root
@@ -167,8 +168,12 @@ class TuningCache:
 
 
 def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[float], seeds: Sequence[int],
-         cache: TuningCache, on_score: Callable[[float, float], None] | None = None) -> dict[str, Any]:
+         cache: TuningCache, on_score: Callable[[float, float], None] | None = None,
+         ctx: Context = LOCAL) -> dict[str, Any]:
     """Tuned learning rate of baseline ``name`` on ``task`` (from the cache when it has it).
+
+    With several processes (``ctx``) rank 0 reads and writes the cache and the rollouts
+    are spread over the ranks; the scores are the same as in one process.
 
     Returns:
         ``{"lr", "scores": [[lr, mean final loss], ...], "at_edge", "cached"}``;
@@ -177,16 +182,17 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
     data = os.path.abspath(data_root(task.data_dir)) if hasattr(task, "data_dir") else None
     key = cache.key(v=1, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
                     seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()), data=data)
-    hit = cache.get(key)
+    hit = ctx.decide(lambda: cache.get(key))
     if hit is not None:
         return {**hit, "cached": True}
     device = getattr(task, "device", "cpu")
     best, scores = tune_lr(task, lambda lr: optim.make(name, lr=lr).to(device), grid, seeds, steps, extend=EXTEND,
-                           on_score=on_score)
+                           on_score=on_score, map_fn=ctx.map)
     tried = sorted(scores)
     value = {"lr": best, "scores": [[lr, scores[lr]] for lr in tried],
              "at_edge": len(tried) > 1 and best in (tried[0], tried[-1])}
-    cache.put(key, value)
+    if ctx.is_main:
+        cache.put(key, value)
     return {**report.clean(value), "cached": False}
 
 
@@ -201,7 +207,8 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
         baselines: Sequence[str] = BASELINES, seeds: Sequence[int] = EVAL_SEEDS,
         tuning_seeds: Sequence[int] = TUNING_SEEDS, grids: dict[str, tuple[float, float, int]] | None = None,
         steps: int | None = None, cache: TuningCache | None = None, n_checkpoints: int = 4,
-        progress: bool = True, notes: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+        progress: bool = True, notes: Sequence[str] = (), log: Callable[[str], None] = print,
+        ctx: Context = LOCAL) -> dict[str, Any]:
     """Evaluate learned optimizers and tuned baselines on the built suite entries.
 
     Args:
@@ -217,6 +224,9 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
         progress: show progress bars (on a terminal).
         notes: lines recorded in the results (e.g. skipped tasks).
         log: where one-line notes go (a best rate at the edge of its grid).
+        ctx: the process group (:mod:`l2o.distributed`): every rollout of tuning and
+            evaluation runs on one rank and its figures are gathered, so the results are
+            those of one process; rank 0 alone writes files and logs.
 
     Returns:
         The results dict that was written to ``out/results.json``.
@@ -227,7 +237,9 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
     if unknown:
         raise ValueError(f"no learning-rate grid for baseline {unknown[0]!r}; choose from {', '.join(GRIDS)}")
     grids, cache = {**GRIDS, **(grids or {})}, cache or TuningCache(None)
-    os.makedirs(out, exist_ok=True)
+    progress, log = progress and ctx.is_main, log if ctx.is_main else (lambda msg: None)
+    if ctx.is_main:
+        os.makedirs(out, exist_ok=True)
     start = time.perf_counter()
     config = {"seeds": list(seeds), "tuning_seeds": list(tuning_seeds), "baselines": list(baselines),
               "grids": {b: list(grids[b]) for b in baselines}, "n_final_batches": 10,
@@ -236,36 +248,44 @@ def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
     bar = _bar(len(built) * (len(baselines) + len(learned)) * len(seeds), "evaluate", progress)
     for entry, task in built:
         t0, horizon = time.perf_counter(), steps or entry.steps
-        runs = _tuned_baselines(entry, task, horizon, baselines, grids, tuning_seeds, cache, progress, log)
+        runs = _tuned_baselines(entry, task, horizon, baselines, grids, tuning_seeds, cache, progress, log, ctx)
         for name, (path, opt) in learned.items():
             runs[name] = (lambda opt=opt: opt, {"kind": "learned", "source": path, "lr": opt.hparams().get("lr")})
         task_res = {"task": entry.task, "description": entry.description, "options": task.config(),
                     "steps": horizon, "optimizers": {}}
         eval_at = sorted({round(k * horizon / n_checkpoints) for k in range(1, n_checkpoints + 1)})
-        for name, (make, info) in runs.items():
-            bar.set_postfix_str(f"{entry.name}/{name}")
-            done = []
-            for s in seeds:
-                done.append(rollout(task, make(), s, horizon, eval_at=eval_at))
-                bar.update()
-            task_res["optimizers"][name] = {**report.clean(info), **report.summarize(done, seeds)}
+        def one(job: tuple[str, int]) -> Rollout:
+            bar.set_postfix_str(f"{entry.name}/{job[0]}", refresh=False)
+            r = rollout(task, runs[job[0]][0](), job[1], horizon, eval_at=eval_at)
+            bar.update()
+            r.params = {}  # only the figures travel between processes
+            return r
+
+        jobs = [(name, s) for name in runs for s in seeds]
+        done = ctx.map(one, jobs)
+        for i, (name, (_, info)) in enumerate(runs.items()):
+            mine = done[i * len(seeds):(i + 1) * len(seeds)]
+            task_res["optimizers"][name] = {**report.clean(info), **report.summarize(mine, seeds)}
         report.add_speedups(task_res)
-        for name, o in task_res["optimizers"].items():
-            report.write_tensorboard(os.path.join(out, "tb", entry.name, name), o)
+        if ctx.is_main:
+            for name, o in task_res["optimizers"].items():
+                report.write_tensorboard(os.path.join(out, "tb", entry.name, name), o)
         task_res["runtime_s"] = time.perf_counter() - t0
         results["tasks"][entry.name] = task_res
         results["speedup_vs_adam"] = report.geomean_speedups(results["tasks"])
-        report.plot_task(os.path.join(out, f"{entry.name}.png"), entry.name, task_res)
-        report.plot_speedups(os.path.join(out, "speedup.png"), results)
+        if ctx.is_main:
+            report.plot_task(os.path.join(out, f"{entry.name}.png"), entry.name, task_res)
+            report.plot_speedups(os.path.join(out, "speedup.png"), results)
         config["runtime_s"] = time.perf_counter() - start
-        report.write_tables(out, results)  # after every task: an interrupted run keeps what it finished
+        if ctx.is_main:
+            report.write_tables(out, results)  # after every task: an interrupted run keeps what it finished
     bar.close()
     return results
 
 
 def _tuned_baselines(entry: Entry, task: Task, steps: int, baselines: Sequence[str], grids: dict,
                      tuning_seeds: Sequence[int], cache: TuningCache, progress: bool,
-                     log: Callable[[str], None]) -> dict[str, tuple[Callable, dict]]:
+                     log: Callable[[str], None], ctx: Context = LOCAL) -> dict[str, tuple[Callable, dict]]:
     """``{baseline: (make_optimizer, report_info)}`` with each learning rate tuned (or read from the cache)."""
     runs: dict[str, tuple[Callable, dict]] = {}
     device = getattr(task, "device", "cpu")
@@ -273,7 +293,7 @@ def _tuned_baselines(entry: Entry, task: Task, steps: int, baselines: Sequence[s
     for b in baselines:
         tbar.set_postfix_str(b)
         tuned = tune(task, entry.task, b, steps, log_grid(*grids[b]), tuning_seeds, cache,
-                     on_score=lambda lr, score: tbar.update())
+                     on_score=lambda lr, score: tbar.update(), ctx=ctx)
         if tuned["at_edge"]:
             log(f"note: {entry.name}: {b}'s best learning rate {tuned['lr']:.3g} is at the edge of the grid tried")
         runs[b] = (lambda b=b, lr=tuned["lr"]: optim.make(b, lr=lr).to(device),

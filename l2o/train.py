@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_io
-from . import hypergrad, optim, tasks
+from . import distributed, hypergrad, optim, tasks
 from .config import TrainConfig, UsageError
 from .evaluate import rollout, tune_lr, log_grid
 from .tasks import BatchStream, seeded
@@ -60,6 +60,8 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
 
 class MetaTrainer:
     """Owns the task, the optimizer being learned, the outer optimizer and the bookkeeping."""
+
+    dist: distributed.Context = distributed.LOCAL  # [distributed] fit() sets this rank's place under torchrun
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg.validate()
@@ -101,7 +103,7 @@ class MetaTrainer:
     # ------------------------------------------------------------------ one meta-batch of optimizees
     def _members(self, meta_step: int) -> list[tuple[tasks.Task, dict, BatchStream, int]]:
         out = []
-        for b in range(self.cfg.meta_batch):
+        for b in self.dist.shard(self.cfg.meta_batch):  # [distributed] this rank's members, global indices
             s = TRAIN_SEEDS + self.cfg.seed * 1_000_000 + meta_step * 100 + b
             g = seeded(s, 0)
             prob = self.task.sample(g)
@@ -180,17 +182,30 @@ class MetaTrainer:
                 ml = float((ol or outer_loss)(params, hp)) if finite else math.nan
             t += n
             ok = finite and all(torch.isfinite(g).all() for g in grads.values())
+            ok, ml, norm = self._apply(grads, ml, ok)  # [distributed] all-reduced: every rank decides alike
             if not ok:
                 skipped += 1
                 break
-            norms.append(self._apply(grads))
+            norms.append(norm)
             meta_losses.append(ml)
         self.extra["skipped"] += skipped
         self.meta_step += 1
         return {"meta_loss": sum(meta_losses) if meta_losses else math.nan,
                 "grad_norm": max(norms) if norms else math.nan, "skipped": skipped}
 
-    def _apply(self, grads: dict[str, torch.Tensor]) -> float:
+    def _apply(self, grads: dict[str, torch.Tensor], meta_loss: float = 0.0, ok: bool = True
+               ) -> tuple[bool, float, float]:
+        """Clip and take the outer step; returns ``(stepped, meta_loss, pre-clipping norm)``.
+
+        [distributed] Under torchrun the meta-gradients, meta-losses and non-finite flags are
+        first summed over the ranks: each rank holds the mean over its equal share of the
+        meta-batch, so the mean of the ranks' values is the whole meta-batch's mean, and a
+        non-finite value on any rank makes every rank skip the update.
+        """
+        if self.dist.active:
+            grads, meta_loss, ok = self._all_reduce(grads, meta_loss, ok)
+        if not ok:
+            return False, meta_loss, math.nan
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
         for k, p in self.meta_params.items():
             p.grad = grads[k].to(p.dtype)
@@ -200,20 +215,35 @@ class MetaTrainer:
         self.sched.step()
         self.opt.project_()
         self.last_grads = grads
-        return norm
+        return True, meta_loss, norm
+
+    def _all_reduce(self, grads: dict[str, torch.Tensor], meta_loss: float, ok: bool
+                    ) -> tuple[dict[str, torch.Tensor], float, bool]:
+        """[distributed] One all_reduce of ``[grads..., meta_loss, non-finite flag]`` in float64."""
+        hp = self.meta_params
+        device = next(iter(hp.values())).device
+        parts = [(grads[k] if ok else torch.zeros_like(p)).detach().reshape(-1).double() for k, p in hp.items()]
+        tail = torch.tensor([meta_loss if ok else 0.0, 0.0 if ok else 1.0], dtype=torch.float64, device=device)
+        flat = self.dist.all_sum(torch.cat([x.to(device) for x in parts] + [tail]))
+        world, out, i = self.dist.world_size, {}, 0
+        for k, p in hp.items():
+            out[k] = (flat[i:i + p.numel()] / world).view_as(p).to(p.dtype)
+            i += p.numel()
+        return out, float(flat[-2]) / world, float(flat[-1]) == 0.0
 
     # ------------------------------------------------------------------ validation
     def tune_adam(self) -> None:
         """Tune Adam's learning rate on tuning seeds, score it on the validation seeds (once per run)."""
         if "adam_val" in self.extra:
             return
-        lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon)
+        lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon,
+                        map_fn=self.dist.map)  # [distributed] rollouts spread over the ranks
         self.extra["adam_lr"] = lr
         self.extra["adam_val"] = self._score(optim.Adam(lr=lr))
 
     def _score(self, opt) -> float:
         seeds = range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds)
-        vals = [rollout(self.task, opt, s, self.cfg.horizon).final_loss for s in seeds]
+        vals = self.dist.map(lambda s: rollout(self.task, opt, s, self.cfg.horizon).final_loss, list(seeds))
         return sum(vals) / len(vals)
 
     def validate(self) -> float:
@@ -245,9 +275,12 @@ class MetaTrainer:
     def state(self) -> dict[str, Any]:
         return {"optimizer": ckpt_io.optimizer_payload(self.opt), "best": self.best, "config": self.cfg.to_dict(),
                 "outer_optimizer": self.outer.state_dict(), "scheduler": self.sched.state_dict(),
-                "meta_step": self.meta_step, "rng": {"torch": torch.get_rng_state()}, "extra": self.extra}
+                "meta_step": self.meta_step, "rng": {"torch": torch.get_rng_state()}, "extra": self.extra,
+                "distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend}}
 
     def save(self, path: str | None = None) -> None:
+        if not self.dist.is_main:  # [distributed] rank 0 alone writes
+            return
         ckpt_io.save(path or self.cfg.checkpoint_path, self.state())
 
     def restore(self, ckpt: dict[str, Any]) -> None:
@@ -274,26 +307,45 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
             without it an existing checkpoint is never overwritten.
         stop_after: stop (with a checkpoint) after this many meta-steps of this call.
     """
+    import dataclasses
+
+    # [distributed] join torchrun's group (none without torchrun); rank 0 reads the disk, decides for all
+    ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    try:
+        ctx.shard(cfg.meta_batch)  # a world size that does not divide the meta-batch is a usage error
+        cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device))
+        return _fit(cfg, ctx, resume, stop_after, progress and ctx.is_main, tensorboard and ctx.is_main)
+    except (ValueError, FileNotFoundError):  # bad input (UsageError, CheckpointError, DataNotFoundError)
+        ctx.stop_together()  # every rank has it: leave together, exit 2 everywhere
+        raise
+    finally:
+        ctx.close()
+
+
+def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: int | None, progress: bool,
+         tensorboard: bool) -> MetaTrainer:
     import os
 
     from .logging import RunLogger
 
     trainer = MetaTrainer(cfg)
+    trainer.dist = ctx
     path = cfg.checkpoint_path
     if resume:
-        trainer.restore(ckpt_io.load(path, cfg.device))
-    elif os.path.exists(path):
+        trainer.restore(ctx.decide(lambda: ckpt_io.load(path, "cpu" if ctx.active else cfg.device)))
+    elif ctx.decide(lambda: os.path.exists(path)):
         raise UsageError(f"checkpoint {path!r} exists; pass --resume to continue it, or --name / --checkpoint "
                          f"for a new run (nothing was overwritten)")
     elif cfg.init_from:  # a curriculum stage: start from another run's best weights
-        src = ckpt_io.load_optimizer(cfg.init_from, cfg.device)
+        src = ctx.decide(lambda: ckpt_io.load_optimizer(cfg.init_from, "cpu" if ctx.active else cfg.device))
         if src.config() != trainer.opt.config():
             raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
         trainer.opt.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:
         raise UsageError(f"the checkpoint has already run {trainer.meta_step} of {cfg.meta_steps} meta-steps; "
                          f"raise --meta-steps to train longer")
-    log = RunLogger(os.path.join(cfg.log_dir, cfg.run_name), cfg.to_dict(), trainer.meta_step, cfg.meta_steps,
+    run_config = {**cfg.to_dict(), "world_size": ctx.world_size, "dist_backend": ctx.backend}  # [distributed]
+    log = RunLogger(os.path.join(cfg.log_dir, cfg.run_name), run_config, trainer.meta_step, cfg.meta_steps,
                     enabled=tensorboard, progress=progress)
     trainer.tune_adam()
     log.postfix["adam"] = f"{trainer.extra['adam_val']:.4g}"
@@ -320,7 +372,7 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
                 val = trainer.validate()
                 log.scalar("val/learned", val, step)
                 log.scalar("val/adam_tuned", trainer.extra["adam_val"], step)
-                if is_lstm:
+                if is_lstm and ctx.is_main:
                     log.histogram("lstm/update_magnitude", torch.log10(trainer.update_magnitudes() + 1e-12), step)
                 postfix.update(val=val, best=trainer.best["val_loss"] if trainer.best else None)
             if step % cfg.save_every == 0 or step == end:
@@ -331,6 +383,10 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         log.close()
         raise KeyboardInterrupt(f"interrupted at meta-step {trainer.meta_step}; the checkpoint {path!r} holds "
                                 f"meta-step {last_saved}: continue with --resume") from None
+    except distributed.PeerLost as exc:  # [distributed] a peer died or went silent: say where to resume
+        log.close()
+        raise distributed.PeerLost(f"{exc}; the checkpoint {path!r} holds meta-step {last_saved}: "
+                                   f"continue with --resume") from None
     best = trainer.best["val_loss"] if trainer.best else math.nan
     log.close({"best_val": best, "adam_val": trainer.extra["adam_val"], "skipped": trainer.extra["skipped"]})
     return trainer
