@@ -181,7 +181,7 @@ def test_meta_eval_workers_give_the_results_of_one_process(tmp_path, tiny_data):
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("## quadratic") == 1  # rank 0 alone prints
         outs[n] = json.loads((out / "results.json").read_text())
-        assert sorted(os.listdir(out)) == ["mnist_mlp.png", "quadratic.png", "results.json", "results.md", "tb"]
+        assert sorted(os.listdir(out)) == ["mnist_mlp.png", "quadratic.png", "results.json", "results.md", "speedup.png", "tb"]
     one, two = _numbers(outs[1]), _numbers(outs[2])
     assert one == two and len(one) > 100
 
