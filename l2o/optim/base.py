@@ -91,6 +91,10 @@ class DifferentiableOptimizer(nn.Module):
     def project_(self) -> None:
         """Keep hyperparameters valid after an outer step (constraints are in the parametrisation)."""
 
+    def default_update_every(self, truncation: int, horizon: int) -> int:
+        """Inner steps between meta-updates when the user asks for none: once per run (a few hyperparameters)."""
+        return horizon
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this optimizer (weights come from ``state_dict``)."""
         return {"type": type(self).__name__, **self._config}

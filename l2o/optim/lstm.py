@@ -90,6 +90,10 @@ class LSTMOptimizer(DifferentiableOptimizer):
             self.skip = nn.Linear(n_in, 2, bias=False)
             nn.init.zeros_(self.skip.weight)
 
+    def default_update_every(self, truncation: int, horizon: int) -> int:
+        """Thousands of weights learn from many small updates: one per truncation, as the L2L paper trains."""
+        return truncation
+
     def init(self, params: Params) -> State:
         n = sum(p.numel() for p in params.values())
         like = next(iter(params.values())).detach()
