@@ -104,13 +104,16 @@ class Estimator:
 
     Class attributes:
         name: registry name.
-        exact: deterministic and equal to the gradient of the objective (to rounding);
-            False for stochastic estimators (PES, ES: unbiased for a smoothed objective).
+        exact: equal to the gradient of the objective (to rounding) on any problem.
+        stochastic: a random estimate (PES, ES: unbiased for a Gaussian-smoothed objective).
+        truncation_bias: cutting the run into truncations biases the estimate (all but PES).
         options_class: the estimator's own options (a dataclass deriving from :class:`Options`).
     """
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
+    stochastic: ClassVar[bool] = False
+    truncation_bias: ClassVar[bool] = True
     options_class: ClassVar[type[Options]] = Options
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:

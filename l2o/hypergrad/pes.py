@@ -56,6 +56,8 @@ class PES(Estimator):
 
     name = "pes"
     exact = False
+    stochastic = True
+    truncation_bias = False
     options_class = PESOptions
     persistent = True  # ES sets this False
 
@@ -132,6 +134,7 @@ class ES(PES):
 
     name = "es"
     persistent = False
+    truncation_bias = True
 
 
 def _run(cls: type[PES], inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params, hparams: dict, opt,

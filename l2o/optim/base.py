@@ -81,7 +81,7 @@ class DifferentiableOptimizer(nn.Module):
         unknown = [n for n in (names or []) if n not in self._kinds]
         if unknown:
             raise ValueError(f"{type(self).__name__} has no hyperparameter {unknown[0]!r}; "
-                             f"it has {', '.join(self._kinds)}")
+                             f"it has {', '.join(self._kinds) or 'none (leave --learn out to learn its weights)'}")
         for name, kind in self._kinds.items():
             raw = getattr(self, _TRANSFORMS[kind][0] + name, None)
             if isinstance(raw, nn.Parameter):
