@@ -137,10 +137,11 @@ class MetaTrainer:
 
     def _members(self, meta_step: int) -> list[tuple[tasks.Task, dict, BatchStream, int]]:
         out = []
+        keep = max(4, self.cfg.truncation)  # PES / ES particles replay a truncation's batches one after another
         for s in self.member_seeds(meta_step):
             g = seeded(s, 0)
             prob = self.task.sample(g)
-            out.append((prob, prob.init(g), BatchStream(prob, "train", seeded(s, 1)), s))
+            out.append((prob, prob.init(g), BatchStream(prob, "train", seeded(s, 1), keep=keep), s))
         return out
 
     def problem(self, members) -> hypergrad.Problem:

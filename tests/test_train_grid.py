@@ -51,8 +51,9 @@ def test_every_method_objective_optimizer_combination_runs_or_is_refused_in_one_
 
 
 def test_pes_on_a_family_resumes_bit_exactly(tmp_path, tiny_data):
+    """Truncations longer than a batch stream's default memory: the particles replay them."""
     kw = dict(family="quadratic:dim=3-6+mlp:width=4-8,depth=1,batch_size=8-16,dataset=mnist", data_dir=tiny_data,
-              method="pes", meta_batch=2, meta_steps=4, horizon=6, truncation=3, online=3, lstm_hidden=3)
+              method="pes", meta_batch=2, meta_steps=4, horizon=12, truncation=6, lstm_hidden=3)
     full = fit(small(tmp_path / "a", **kw), progress=False, tensorboard=False)
     part = fit(small(tmp_path / "b", **kw), stop_after=2, progress=False, tensorboard=False)
     assert part.meta_step == 2

@@ -52,7 +52,8 @@ class Problem:
         opt: the differentiable optimizer (its own parameters may be meta-parameters).
         steps: the run's horizon ``T``.
         meta_weights: ``w_t`` for ``t < T`` or None (no per-step terms).
-        second_order: differentiate through the inner gradients.
+        second_order: differentiate through the inner gradients (exact; off is the L2L paper's
+            first-order approximation).
     """
 
     inner_loss: InnerLoss
@@ -61,7 +62,7 @@ class Problem:
     opt: Any
     steps: int
     meta_weights: Sequence[float] | None = None
-    second_order: bool = False
+    second_order: bool = True
 
 
 @dataclass
