@@ -11,6 +11,10 @@ implicit, pes, es), which returns a meta-gradient every ``update_every`` inner s
 ``update_every`` is ``--online`` if given, else what the optimizer asks for
 (``opt.default_update_every``: once per run for a few hyperparameters, every
 truncation for the LSTM). The trainer never asks which estimator or optimizer it holds.
+Checkpoints fall between meta-steps, where no run is in flight: a run's estimator state
+(position, particles, PES accumulators, the perturbation stream) is rebuilt from
+``(seed, meta_step)``, so a resumed run is bit-exact; ``Estimator.state_dict`` carries
+that state for an outer loop that stops inside a run.
 
 The meta-batch is one "super-optimizee" whose parameters are the union of the
 members' (keys ``"b/name"``) and whose loss is their sum: a coordinatewise optimizer
