@@ -118,3 +118,19 @@ def test_cli_pes_and_the_fixed_combinations_run(capsys, tmp_path):
                                 "--objective", "final_test"]]):
         code, err = _cli(capsys, tmp_path / str(i), *common, *extra)
         assert code == 0, err
+
+
+def test_config_is_split_by_concern_and_reads_old_checkpoints():
+    from dataclasses import fields
+
+    from l2o.config import EstimatorConfig, OptimizerConfig
+
+    cfg = TrainConfig(method="pes", population=3, sigma=0.2).validate()
+    est = cfg.concern(EstimatorConfig)
+    assert isinstance(est, EstimatorConfig) and (est.method, est.population, est.sigma) == ("pes", 3, 0.2)
+    assert {f.name for f in fields(OptimizerConfig)}.isdisjoint(f.name for f in fields(EstimatorConfig))
+    assert sum(len(fields(c)) for c in TrainConfig.CONCERNS) + 1 == len(fields(TrainConfig))  # + extra
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("family", "population", "sigma")}
+    old.update(method="truncated", objective="sum_train")
+    again = TrainConfig.from_dict(old).validate()
+    assert again.differences(TrainConfig(objective="sum_train").validate()) == []
