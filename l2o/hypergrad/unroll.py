@@ -1,8 +1,9 @@
 """The single inner loop shared by meta-training (with graph) and evaluation (without).
 
 ``inner_loss(params, hparams, step) -> scalar`` is the training objective at inner step
-``step`` (it may return ``(loss, meta_term)``: the optimizer descends ``loss`` and the
-meta-loss sums ``w_t * meta_term``, e.g. a normalised ``log(loss_t / loss_0)``) (``step=None`` means the full objective, used by implicit differentiation);
+``step`` (``step=None`` means the full objective, used by implicit differentiation); it
+may return ``(loss, meta_term)``: the optimizer descends ``loss``, the meta-loss sums
+``w_t * meta_term`` (e.g. a normalised ``log(loss_t / loss_0)``);
 ``opt`` is any :class:`l2o.optim.DifferentiableOptimizer`. One inner step is
 
     loss_t = inner_loss(params_t, hparams, t)
