@@ -11,6 +11,7 @@ Examples:
     python meta_train.py --task cifar10_conv --data-dir DATA
     python meta_train.py --optimizer momentum --learn lr,momentum --method forward --objective final_train
     python meta_train.py --optimizer sgd --learn weight_decay --method implicit --objective final_test --online 50
+    python meta_train.py --family default --method pes --horizon 200 --truncation 20 --data-dir DATA
     python meta_train.py --resume                          # continue an interrupted run exactly
     torchrun --standalone --nproc_per_node=2 meta_train.py --meta-batch 2   # 2 processes, 1 optimizee each
 """
@@ -23,7 +24,7 @@ import sys
 from l2o.checkpoint import CheckpointError
 from l2o.config import METHODS, OBJECTIVES, TrainConfig, UsageError
 from l2o.optim import NAMES as OPTIMIZERS
-from l2o.tasks import TASKS, DataNotFoundError
+from l2o.tasks import FAMILIES, TASKS, DataNotFoundError
 
 
 def csv_list(kind):
@@ -40,8 +41,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="meta_train.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("optimizee")
-    g.add_argument("--task", default=d.task, help=f"optimizee family: {', '.join(TASKS)}, or a user task as an import path "
+    g.add_argument("--task", default=d.task, help=f"optimizee: {', '.join(TASKS)}, or a user task as an import path "
                    f"package.module:function or file.py:function (default %(default)s)")
+    g.add_argument("--family", help=f"meta-train on a task family instead: {', '.join(FAMILIES)}, or a spec such as "
+                   "'mlp:width=10-64,activation=relu|tanh+quadratic:dim=5-10+mnist_mlp' (see README)")
     g.add_argument("--hidden", type=csv_list(int), help="hidden sizes of the MLP, e.g. 20 or 40,40 (cifar10_conv: FC width)")
     g.add_argument("--activation", help="MLP activation: sigmoid (default), relu or tanh")
     g.add_argument("--batch-size", type=int, help="optimizee minibatch size (default 128)")
@@ -65,12 +68,16 @@ def parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")
-    g.add_argument("--truncation", type=int, default=d.truncation, help="truncated-backprop segment length (default %(default)s)")
+    g.add_argument("--truncation", type=int, default=d.truncation, help="steps per truncation (truncated, pes, es) (default %(default)s)")
     g.add_argument("--online", type=int, help="update the meta-parameters every K inner steps of a run (RTHO with forward, "
                    "TRHO with truncated); default: every truncation for the LSTM, once per run otherwise")
-    g.add_argument("--objective", default=d.objective, help=f"{', '.join(OBJECTIVES)} (default %(default)s)")
+    g.add_argument("--objective", help=f"{', '.join(OBJECTIVES)} (default: normalised = mean over steps of "
+                   "log(loss_t / loss_0) with --family, sum_train otherwise)")
     g.add_argument("--second-order", action="store_true", help="differentiate through the optimizee gradients (off in the L2L paper)")
     g.add_argument("--meta-batch", type=int, default=d.meta_batch, help="optimizees per meta-step, averaged (default %(default)s)")
+    g.add_argument("--population", type=int, default=d.population, help="pes/es: antithetic particle pairs "
+                   "(2N perturbed unrolls per truncation) (default %(default)s)")
+    g.add_argument("--sigma", type=float, default=d.sigma, help="pes/es: perturbation standard deviation (default %(default)s)")
     g.add_argument("--implicit-iters", type=int, default=d.implicit_iters, help="Neumann terms for --method implicit (default %(default)s)")
     g = ap.add_argument_group("outer loop")
     g.add_argument("--meta-steps", type=int, default=d.meta_steps, help="meta-steps (inner runs) in total (default %(default)s)")

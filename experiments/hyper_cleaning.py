@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from l2o.hypergrad import segments, unroll
+from l2o.hypergrad import Problem, make, unroll
 from l2o.optim import SGD
 from l2o.tasks import get, seeded
 
@@ -107,13 +107,15 @@ class Cleaning:
         meta = torch.optim.Adam(groups)
         history = []
         for i in tqdm(range(meta_steps), desc=f"{tag} meta-steps", leave=False):
-            # one reverse pass (l2o.hypergrad.reverse is this segment with K = T): gradient and objective
-            seg = next(segments(self.inner, self.outer, params, hparams, opt, self.args.steps, self.args.steps))
-            if not seg.finite:  # the learned lr overshot: project it back and try again
+            # one reverse pass through the whole run: gradient and objective
+            est = make("reverse")
+            state = est.init(Problem(self.inner, self.outer, params, opt, self.args.steps), hparams)
+            g, metrics, _ = est.estimate(hparams, state)
+            if not metrics["finite"]:  # the learned lr overshot: project it back and try again
                 with torch.no_grad():
                     opt.log_lr.sub_(math.log(2.0))
                 continue
-            g, val = seg.grads, seg.meta_loss
+            val = metrics["meta_loss"]
             for k, v in hparams.items():
                 v.grad = g[k]
             meta.step()

@@ -10,7 +10,7 @@ fixed subset of the training set) after T steps. Four parts:
   (b) the best point of each horizon retrained to the longest horizon on fresh seeds;
   (c) gradient-based meta-optimization of (lr0, decay) at the shortest horizon with
       forward-mode hypergradients (l2o.hypergrad.forward), the result trained long;
-  (d) online meta-optimization during one long run (RTHO, l2o.hypergrad.forward_online):
+  (d) online meta-optimization during one long run (RTHO, the forward estimator updating every K steps):
       --num-meta-steps updates, one every --steps-per-update inner steps.
 
 Expected: the optimum chosen at a short horizon decays the learning rate faster and ends
@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from l2o.hypergrad import forward, forward_online, unroll
+from l2o.hypergrad import Problem as Run, forward, make, unroll
 from l2o.optim import MomentumInvDecay
 from l2o.tasks import BatchStream, get, seeded
 
@@ -148,9 +148,13 @@ def online(prob: Problem, writer, args: argparse.Namespace) -> dict:
     steps = args.num_meta_steps * args.steps_per_update
     traj, curve = [(0, opt.hparam("lr").item(), opt.decay.item())], {}
     bar = tqdm(total=steps, desc="(d) online meta-optimization", leave=False)
-    for t, g, fu in forward_online(inner, prob.objective, params, hparams, opt, steps, args.steps_per_update):
+    est = make("forward", every=args.steps_per_update)  # RTHO: tangents flow on across the updates
+    state = est.init(Run(inner, prob.objective, params, opt, steps), hparams)
+    while not est.done(state):
+        g, _, state = est.estimate(hparams, state)
+        t = state.t
         with torch.no_grad():
-            curve[t] = float(prob.objective(fu.params))
+            curve[t] = float(prob.objective(state.params))
         if not math.isfinite(curve[t]):
             break
         for k, v in hparams.items():

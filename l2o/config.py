@@ -1,15 +1,26 @@
-"""Meta-training configuration: one flat dataclass, validated, stored in every checkpoint."""
+"""Run configuration, split by concern: task / optimizer / estimator / outer loop / logging.
+
+Each concern is its own dataclass with its own checks; :class:`TrainConfig` inherits
+them all, so a run is still one flat record (``cfg.horizon``, ``cfg.to_dict()``) that a
+checkpoint stores and a resumed run compares. The estimator's own options (truncation,
+Neumann terms, PES population and sigma) are mapped onto its options class by
+:func:`l2o.train.build_estimator`; a combination of method, objective and optimizer that
+cannot run is refused here, or (when it depends on the meta-parameters) by the
+estimator's ``check`` when the trainer is built, always as one :class:`UsageError` line.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .hypergrad import ESTIMATORS
 from .optim import NAMES as OPTIMIZERS
 from .tasks import check as check_task, options as task_option_names
 
-METHODS = ("truncated", "reverse", "forward", "implicit")
-OBJECTIVES = ("sum_train", "final_train", "final_test")
+METHODS = tuple(ESTIMATORS)
+OBJECTIVES = ("sum_train", "final_train", "final_test", "normalised")
 SHORT = {"mnist_mlp": "mnist", "fashion_mnist_mlp": "fashion_mnist", "cifar10_conv": "cifar10", "quadratic": "quadratic"}
 
 
@@ -17,75 +28,31 @@ class UsageError(ValueError):
     """Bad user input; the CLIs print it as one line and exit with code 2."""
 
 
-@dataclass
-class TrainConfig:
-    """Everything that defines a meta-training run (defaults: the L2L paper's MNIST setup)."""
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
 
-    # optimizee
+
+def positive_ints(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        v = getattr(cfg, key)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+             f"--{key.replace('_', '-')} must be a positive integer, got {v!r}")
+
+
+@dataclass
+class TaskConfig:
+    """The optimizee: one task, or a family of tasks (``family``: a name or spec, see :mod:`l2o.tasks.families`)."""
+
     task: str = "mnist_mlp"
+    family: str | None = None
     hidden: list[int] | None = None          # task hidden sizes (mnist/fashion MLP) -> default of the task
     activation: str | None = None
     batch_size: int | None = None
     data_dir: str | None = None
-    # optimizer being meta-trained
-    optimizer: str = "lstm"
-    learn: list[str] | None = None           # hyperparameters to learn (hand-designed optimizers); None = all
-    lstm_hidden: int = 20
-    lstm_layers: int = 2
-    inputs: str = "rich"
-    output_scale: float = 0.1
-    readout: str = "dir_mag"
-    skip_gain: float = 1.0
-    lr: float | None = None                  # initial hyperparameter values (hand-designed optimizers)
-    momentum: float | None = None
-    decay: float | None = None
-    weight_decay: float | None = None
-    per_parameter: bool = False              # one weight decay per weight
-    # meta-gradient
-    method: str = "truncated"
-    horizon: int = 100
-    truncation: int = 20
-    online: int | None = None                # update every K inner steps of ONE long run (RTHO / TRHO)
-    objective: str = "sum_train"
-    second_order: bool = False
-    meta_batch: int = 1
-    implicit_iters: int = 10
-    # outer loop
-    meta_steps: int = 200
-    outer_optimizer: str = "adam"
-    outer_lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    clip: float | None = 1.0
-    # validation, logging, checkpoints
-    val_every: int = 20
-    val_seeds: int = 10
-    save_every: int = 10
-    seed: int = 0
-    device: str = "cpu"
-    name: str | None = None
-    log_dir: str = "runs"
-    checkpoint: str | None = None
-    init_from: str | None = None             # start from the (best) weights of another checkpoint
-    # torchrun (ignored without it): collective backend (default gloo on CPU, nccl on CUDA), peer timeout
-    dist_backend: str | None = None
-    dist_timeout: float = 600.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    # keys that may differ between an interrupted run and its resumption
-    RESUMABLE_CHANGES = ("meta_steps", "val_every", "save_every", "device", "log_dir", "data_dir", "checkpoint", "name",
-                          "dist_backend", "dist_timeout")
-
-    @property
-    def run_name(self) -> str:
-        # an import path (pkg.mod:make_task, file.py:make_task) is named by its function
-        return self.name or f"{self.optimizer}_{SHORT.get(self.task, self.task.rpartition(':')[2])}"
-
-    @property
-    def checkpoint_path(self) -> str:
-        return self.checkpoint or f"checkpoints/{self.run_name}.pt"
 
     def task_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"device": self.device}
+        opts: dict[str, Any] = {"device": getattr(self, "device", "cpu")}
         if self.task != "quadratic":
             opts["data_dir"] = self.data_dir  # l2o.tasks.get drops a None data_dir for tasks that take none
         if self.task not in SHORT:  # a user task: pass only the options it takes
@@ -103,41 +70,152 @@ class TrainConfig:
                 opts[key] = value[0] if (key == "hidden" and self.task == "cifar10_conv") else value
         return opts
 
-    def validate(self) -> "TrainConfig":
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise UsageError(msg)
+    def validate_task(self) -> None:
+        if self.family is not None:
+            for key in ("hidden", "activation", "batch_size"):
+                need(getattr(self, key) is None, f"--{key.replace('_', '-')} does not apply to a family; "
+                                                 f"put it in the spec, e.g. --family mlp:width=20-40")
+        else:
+            try:
+                check_task(self.task)  # a built-in, a registered name or an importable package.module:function
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
 
-        try:
-            check_task(self.task)  # a built-in, a registered name or an importable package.module:function
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer being meta-trained and which of its meta-parameters learn."""
+
+    optimizer: str = "lstm"
+    learn: list[str] | None = None           # hyperparameters to learn (hand-designed optimizers); None = all
+    lstm_hidden: int = 20
+    lstm_layers: int = 2
+    inputs: str = "rich"
+    output_scale: float = 0.1
+    readout: str = "dir_mag"
+    skip_gain: float = 1.0
+    lr: float | None = None                  # initial hyperparameter values (hand-designed optimizers)
+    momentum: float | None = None
+    decay: float | None = None
+    weight_decay: float | None = None
+    per_parameter: bool = False              # one weight decay per weight
+
+    def validate_optimizer(self) -> None:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        for key in ("horizon", "truncation", "meta_batch", "meta_steps", "val_every", "val_seeds", "save_every",
-                    "lstm_hidden", "lstm_layers", "implicit_iters"):
-            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 1,
-                 f"--{key.replace('_', '-')} must be a positive integer, got {getattr(self, key)!r}")
-        need(self.online is None or self.online >= 1, f"--online must be a positive integer, got {self.online}")
-        need(self.outer_lr > 0, f"--outer-lr must be > 0, got {self.outer_lr}")
-        need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
-        need(self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
-        need(self.outer_optimizer in ("adam", "sgd", "rmsprop"), "--outer-optimizer must be adam, sgd or rmsprop")
-        need(self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
-        is_lstm = self.optimizer == "lstm"
-        if is_lstm:
-            need(self.learn is None, "--learn selects hyperparameters of a hand-designed optimizer; the LSTM learns all its weights")
-            need(self.method in ("truncated", "reverse"), f"the LSTM is meta-trained with --method truncated or reverse, "
-                                                           f"not {self.method} (forward mode is for a few meta-parameters; "
-                                                           f"implicit cannot see an optimizer's weights)")
-        if self.method == "implicit":
-            need(self.learn == ["weight_decay"], "--method implicit learns only --learn weight_decay "
-                                                 "(a learning rate or momentum acts only through the optimizer)")
+        positive_ints(self, "lstm_hidden", "lstm_layers")
         if self.learn and "weight_decay" in self.learn and self.weight_decay is None:
             self.weight_decay = 1e-4
+
+
+@dataclass
+class EstimatorConfig:
+    """The meta-gradient: which estimator, over which run, of which objective (with each estimator's options)."""
+
+    method: str = "truncated"
+    horizon: int = 100
+    truncation: int = 20                     # truncated, pes, es: steps per truncation
+    online: int | None = None                # update every K inner steps of ONE long run (RTHO / TRHO / online PES)
+    objective: str | None = None             # default: normalised for a family, sum_train for a task
+    second_order: bool = False
+    meta_batch: int = 1
+    implicit_iters: int = 10                 # implicit: Neumann terms
+    population: int = 8                      # pes, es: antithetic particle pairs
+    sigma: float = 0.01                      # pes, es: perturbation standard deviation
+
+    def validate_estimator(self) -> None:
+        need(self.method in METHODS, f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.objective is None:
+            self.objective = "normalised" if getattr(self, "family", None) is not None else "sum_train"
+        need(self.objective in OBJECTIVES, f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        positive_ints(self, "horizon", "truncation", "meta_batch", "implicit_iters", "population")
+        need(self.online is None or (isinstance(self.online, int) and self.online >= 1),
+             f"--online must be a positive integer, got {self.online}")
+        need(isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0,
+             f"--sigma must be a positive number, got {self.sigma}")
+        if self.method == "implicit":
+            need(self.learn == ["weight_decay"], "--method implicit learns only --learn weight_decay (a learning rate, "
+                                                 "momentum or the LSTM's weights act only through the update); "
+                                                 f"methods for those: {', '.join(m for m in METHODS if m != 'implicit')}")
+            need(self.objective in ("final_train", "final_test"),
+                 f"--method implicit differentiates a final loss at a stationary point: use --objective final_train "
+                 f"or final_test, not {self.objective}")
+
+
+@dataclass
+class OuterConfig:
+    """The outer loop: meta-steps and the outer optimizer."""
+
+    meta_steps: int = 200
+    outer_optimizer: str = "adam"
+    outer_lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    clip: float | None = 1.0
+
+    def validate_outer(self) -> None:
+        positive_ints(self, "meta_steps")
+        need(self.outer_lr > 0, f"--outer-lr must be > 0, got {self.outer_lr}")
+        need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
+        need(self.outer_optimizer in ("adam", "sgd", "rmsprop"), "--outer-optimizer must be adam, sgd or rmsprop")
+        need(self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
+
+
+@dataclass
+class LoggingConfig:
+    """Validation, logging, checkpoints, seed and device."""
+
+    val_every: int = 20
+    val_seeds: int = 10
+    save_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    name: str | None = None
+    log_dir: str = "runs"
+    checkpoint: str | None = None
+    init_from: str | None = None             # start from the (best) weights of another checkpoint
+    # torchrun (ignored without it): collective backend (default gloo on CPU, nccl on CUDA), peer timeout
+    dist_backend: str | None = None
+    dist_timeout: float = 600.0
+
+    def validate_logging(self) -> None:
+        positive_ints(self, "val_every", "val_seeds", "save_every")
+        need(self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
+
+
+@dataclass
+class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, LoggingConfig):
+    """Everything that defines a meta-training run (defaults: the L2L paper's MNIST setup), one flat record."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # keys that may differ between an interrupted run and its resumption
+    RESUMABLE_CHANGES = ("meta_steps", "val_every", "save_every", "device", "log_dir", "data_dir", "checkpoint", "name",
+                          "dist_backend", "dist_timeout")
+    CONCERNS = (TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, LoggingConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        what = "family_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in self.family) if self.family \
+            else SHORT.get(self.task, self.task.rpartition(":")[2])  # an import path is named by its function
+        return f"{self.optimizer}_{what}"
+
+    @property
+    def checkpoint_path(self) -> str:
+        return self.checkpoint or f"checkpoints/{self.run_name}.pt"
+
+    def validate(self) -> "TrainConfig":
+        self.validate_task()
+        self.validate_optimizer()
+        self.validate_estimator()
+        self.validate_outer()
+        self.validate_logging()
         need(not (self.per_parameter and self.meta_batch > 1), "--per-parameter weight decay needs --meta-batch 1")
         return self
+
+    def concern(self, cls: type) -> Any:
+        """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

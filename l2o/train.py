@@ -2,22 +2,31 @@
 
 A *meta-step* is one inner run of ``horizon`` steps on ``meta_batch`` freshly sampled
 optimizees (new problem, initialisation and batch order, all derived from
-``(seed, meta_step)`` so a resumed run replays exactly). Inside the run the
-meta-parameters are updated every ``online`` steps (default: once, at the end; the
-LSTM default updates every truncation, as the L2L paper does) with the chosen
-estimator from :mod:`l2o.hypergrad`:
+``(seed, meta_step)`` so a resumed run replays exactly). The run is handed to an
+estimator from :mod:`l2o.hypergrad` (``--method``: truncated, reverse, forward,
+implicit, pes, es), which returns a meta-gradient every ``update_every`` inner steps:
 
-* ``truncated`` / ``reverse`` - :func:`l2o.hypergrad.segments` (TRHO when online);
-* ``forward`` - :class:`l2o.hypergrad.ForwardUnroll`, tangents carried across updates (RTHO);
-* ``implicit`` - :func:`l2o.hypergrad.implicit` at the current weights (Lorraine et al.).
+    estimate -> (all-reduce) -> clip -> outer step -> log -> checkpoint
+
+``update_every`` is ``--online`` if given, else what the optimizer asks for
+(``opt.default_update_every``: once per run for a few hyperparameters, every
+truncation for the LSTM). The trainer never asks which estimator or optimizer it holds.
+Checkpoints fall between meta-steps, where no run is in flight: a run's estimator state
+(position, particles, PES accumulators, the perturbation stream) is rebuilt from
+``(seed, meta_step)``, so a resumed run is bit-exact; ``Estimator.state_dict`` carries
+that state for an outer loop that stops inside a run.
 
 The meta-batch is one "super-optimizee" whose parameters are the union of the
 members' (keys ``"b/name"``) and whose loss is their sum: a coordinatewise optimizer
-then sees exactly each member's own gradient, and the LSTM processes all
-coordinates of all members in one batch.
+then sees exactly each member's own gradient, members may be different tasks of a
+family (different sizes), and the LSTM processes all coordinates in one batch.
+Objectives: ``sum_train`` (sum over steps of the members' mean loss), ``final_train`` /
+``final_test`` (mean loss at the end of each update chunk), ``normalised`` (mean over
+steps and members of ``log(loss_t / loss_0)``: scale-free, so no task of a family dominates).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any, Callable
@@ -34,41 +43,61 @@ TRAIN_SEEDS = 10_000_000   # training problems: TRAIN_SEEDS + seed * 1e6 + meta_
 VAL_SEEDS = 5_000          # validation (checkpoint selection) seeds; reporting uses others
 TUNE_SEEDS = (0, 1, 2, 3, 4)
 ADAM_GRID = log_grid(1e-4, 1.0, 9)
+# configuration fields -> optimizer constructor arguments (each optimizer takes those it has)
+OPTIMIZER_OPTIONS = {"lstm_hidden": "hidden", "lstm_layers": "layers", "inputs": "inputs", "output_scale": "output_scale",
+                     "readout": "readout", "skip_gain": "skip_gain", "lr": "lr", "momentum": "momentum", "decay": "decay"}
+# configuration fields -> estimator options (each estimator takes those its options class has)
+ESTIMATOR_OPTIONS = {"truncation": "truncate", "implicit_iters": "iters", "population": "particles", "sigma": "sigma"}
 
 
 def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.DifferentiableOptimizer:
     """The optimizer whose meta-parameters are trained, with only ``cfg.learn`` trainable."""
-    if cfg.optimizer == "lstm":
-        with torch.random.fork_rng(devices=[]):  # initial weights depend on the run seed only
-            torch.manual_seed(cfg.seed)
-            return optim.LSTMOptimizer(cfg.lstm_hidden, cfg.lstm_layers, cfg.inputs, cfg.output_scale,
-                                        readout=cfg.readout, skip_gain=cfg.skip_gain)
-    kw = {k: getattr(cfg, k) for k in ("lr", "momentum", "decay") if getattr(cfg, k) is not None}
-    base = optim.make(cfg.optimizer, **kw)
-    learn = list(cfg.learn) if cfg.learn is not None else None
+    cls = optim.NAMES[cfg.optimizer][0]
+    accepted = inspect.signature(cls.__init__).parameters
+    kw = {arg: getattr(cfg, key) for key, arg in OPTIMIZER_OPTIONS.items()
+          if arg in accepted and getattr(cfg, key) is not None}
+    with torch.random.fork_rng(devices=[]):  # initial weights depend on the run seed only
+        torch.manual_seed(cfg.seed)
+        base = optim.make(cfg.optimizer, **kw)
     if cfg.weight_decay is not None:
         from .optim.weight_decay import WeightDecay
 
         opt = WeightDecay(base, cfg.weight_decay, shapes=shapes if cfg.per_parameter else None)
     else:
         opt = base
-    opt.learn(learn)
+    opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):
         raise UsageError(f"nothing to learn: --learn {cfg.learn} selects no hyperparameter of {cfg.optimizer}")
     return opt
 
 
+def build_estimator(cfg: TrainConfig, update_every: int) -> hypergrad.Estimator:
+    """The ``--method`` estimator with the options its own options class declares."""
+    cls = hypergrad.ESTIMATORS[cfg.method]
+    names = {f for f in cls.options_class.__dataclass_fields__}
+    kw = {opt: getattr(cfg, key) for key, opt in ESTIMATOR_OPTIONS.items() if opt in names}
+    return hypergrad.make(cfg.method, every=update_every, **kw)
+
+
+def build_task(cfg: TrainConfig) -> tasks.Task:
+    """The task, or the family when ``cfg.family`` is given."""
+    if cfg.family is not None:
+        return tasks.family(cfg.family, data_dir=cfg.data_dir, device=cfg.device)
+    return tasks.get(cfg.task, **cfg.task_options())
+
+
 class MetaTrainer:
-    """Owns the task, the optimizer being learned, the outer optimizer and the bookkeeping."""
+    """Owns the task, the optimizer being learned, the estimator, the outer optimizer and the bookkeeping."""
 
     dist: distributed.Context = distributed.LOCAL  # [distributed] fit() sets this rank's place under torchrun
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg.validate()
         try:
-            self.task = tasks.get(cfg.task, **cfg.task_options())
+            self.task = build_task(cfg)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
+        self.is_family = isinstance(self.task, tasks.Family)
         probe = self.task.sample(seeded(0, 0)).init(seeded(0, 0))
         self.shapes = {k: list(v.shape) for k, v in probe.items()}
         try:
@@ -76,6 +105,9 @@ class MetaTrainer:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.meta_params = {n: p for n, p in self.opt.named_parameters() if p.requires_grad}
+        self.update_every = cfg.online or self.opt.default_update_every(cfg.truncation, cfg.horizon)
+        self.estimator = build_estimator(cfg, self.update_every)
+        self._check_estimator()
         outer_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[cfg.outer_optimizer]
         self.outer = outer_cls(list(self.meta_params.values()), lr=cfg.outer_lr)
         self.updates_per_step = math.ceil(cfg.horizon / self.update_every)
@@ -86,47 +118,61 @@ class MetaTrainer:
         self.meta_step = 0
         self.best: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {"skipped": 0, "train_seconds": 0.0, "history": []}
+        self.val_groups: dict[str, float] = {}
 
-    # ------------------------------------------------------------------ schedule of one run
-    @property
-    def update_every(self) -> int:
-        cfg = self.cfg
-        if cfg.online is not None:
-            return cfg.online
-        return cfg.truncation if cfg.optimizer == "lstm" else cfg.horizon
-
-    @property
-    def segment_length(self) -> int:
-        cfg = self.cfg
-        return cfg.truncation if cfg.method == "truncated" else self.update_every
+    def _check_estimator(self) -> None:
+        """Refuse, in one line naming the methods that can, an estimator that cannot learn these meta-parameters."""
+        problem = self.problem(self._members(0))
+        try:
+            self.estimator.check(problem, self.meta_params)
+        except ValueError as exc:
+            able = []
+            for name, cls in hypergrad.ESTIMATORS.items():
+                try:
+                    cls().check(problem, self.meta_params)
+                    able.append(name)
+                except ValueError:
+                    pass
+            raise UsageError(f"--method {self.cfg.method} cannot learn the meta-parameters of {self.cfg.optimizer} "
+                             f"({str(exc).rstrip('.')}); methods that can: {', '.join(able) or 'none'}") from None
 
     # ------------------------------------------------------------------ one meta-batch of optimizees
+    def member_seeds(self, meta_step: int) -> list[int]:
+        """The seeds of this meta-step's optimizees; [distributed] this rank's share, by global member index."""
+        return [TRAIN_SEEDS + self.cfg.seed * 1_000_000 + meta_step * 100 + b for b in self.dist.shard(self.cfg.meta_batch)]
+
     def _members(self, meta_step: int) -> list[tuple[tasks.Task, dict, BatchStream, int]]:
         out = []
-        for b in self.dist.shard(self.cfg.meta_batch):  # [distributed] this rank's members, global indices
-            s = TRAIN_SEEDS + self.cfg.seed * 1_000_000 + meta_step * 100 + b
+        keep = max(4, self.cfg.truncation)  # PES / ES particles replay a truncation's batches one after another
+        for s in self.member_seeds(meta_step):
             g = seeded(s, 0)
             prob = self.task.sample(g)
-            out.append((prob, prob.init(g), BatchStream(prob, "train", seeded(s, 1)), s))
+            out.append((prob, prob.init(g), BatchStream(prob, "train", seeded(s, 1), keep=keep), s))
         return out
 
-    def _objective(self, members) -> tuple[Callable, Callable | None, dict, list | None]:
+    def problem(self, members) -> hypergrad.Problem:
+        """The meta-batch as one inner run: the super-optimizee's loss, the objective, the initial parameters."""
         cfg, B = self.cfg, len(members)
         key = (lambda b, k: f"{b}/{k}") if B > 1 else (lambda b, k: k)
         params = {key(b, k): v for b, (_, p, _, _) in enumerate(members) for k, v in p.items()}
-        penalty = getattr(self.opt, "penalty", None)
+        normalised = cfg.objective == "normalised"
+        if normalised:  # each member's initial loss, a constant: log(loss_t / loss_0) is scale-free
+            with torch.no_grad():
+                loss0 = [float(prob.loss(p, stream[0])) for prob, p, stream, _ in members]
 
-        def split(p: dict, b: int, prob) -> dict:
+        def split(p: dict, b: int) -> dict:
             return {k: p[key(b, k)] for k in members[b][1]}
 
         def inner_loss(p, h, t):
-            if t is None:  # implicit: the full objective at the last batch, with the decay penalty
-                t = self._last_t
-            total = sum(prob.loss(split(p, b, prob), stream[t]) for b, (prob, _, stream, _) in enumerate(members))
-            return total + penalty(p) if (penalty is not None and self._with_penalty) else total
+            losses = [prob.loss(split(p, b), stream[t]) for b, (prob, _, stream, _) in enumerate(members)]
+            total = sum(losses)
+            if not normalised:
+                return total
+            term = sum(torch.log(torch.clamp(l / l0, min=1e-30)) for l, l0 in zip(losses, loss0)) / B
+            return total, term
 
         outer_loss = None
-        if cfg.objective != "sum_train":
+        if cfg.objective in ("final_train", "final_test"):
             split_name = "test" if cfg.objective == "final_test" else "train"
             batches = []
             for prob, _, _, s in members:
@@ -134,55 +180,24 @@ class MetaTrainer:
                 batches.append([prob.batch(split_name, g) for _ in range(4)])
 
             def outer_loss(p, h):
-                return sum(sum(prob.loss(split(p, b, prob), bt) for bt in batches[b]) / len(batches[b])
+                return sum(sum(prob.loss(split(p, b), bt) for bt in batches[b]) / len(batches[b])
                            for b, (prob, _, _, _) in enumerate(members)) / B
-        weights = [1.0 / B] * cfg.horizon if cfg.objective == "sum_train" else None
-        return inner_loss, outer_loss, params, weights
+        weights = {"sum_train": [1.0 / B] * cfg.horizon, "normalised": [1.0 / cfg.horizon] * cfg.horizon}.get(cfg.objective)
+        return hypergrad.Problem(inner_loss, outer_loss, params, self.opt, cfg.horizon, weights, cfg.second_order)
 
     # ------------------------------------------------------------------ one meta-step
     def meta_step_once(self, log: Callable[[str, float, int], None] | None = None) -> dict[str, float]:
         """Run one inner run with its outer updates; returns figures for logging."""
-        cfg = self.cfg
-        members = self._members(self.meta_step)
-        inner_loss, outer_loss, params, weights = self._objective(members)
-        self._with_penalty, self._last_t = False, 0
-        hp, state, t, T, U = self.meta_params, None, 0, cfg.horizon, self.update_every
-        fu = None
-        if cfg.method == "forward":
-            fu = hypergrad.ForwardUnroll(inner_loss, params, hp, self.opt, second_order=cfg.second_order,
-                                         meta_weights=weights)
+        problem = self.problem(self._members(self.meta_step))
+        gen = seeded(TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100, 4)  # perturbations (PES, ES)
+        est, state = self.estimator, self.estimator.init(problem, self.meta_params, gen)
         meta_losses, norms, skipped = [], [], 0
-        while t < T:
-            n = min(U, T - t)
-            ol = outer_loss if (outer_loss is not None and (cfg.online is not None or t + n == T)) else None
-            if cfg.method in ("truncated", "reverse"):
-                grads = {k: torch.zeros_like(v) for k, v in hp.items()}
-                ml, finite = 0.0, True
-                for seg in hypergrad.segments(inner_loss, ol, params, hp, self.opt, n, self.segment_length,
-                                              second_order=cfg.second_order, meta_weights=weights, state=state, start=t):
-                    finite = finite and seg.finite
-                    for k in grads:
-                        grads[k] += seg.grads[k]
-                    ml += seg.meta_loss
-                params, state = seg.params, seg.state
-            elif cfg.method == "forward":
-                fu.meta_tangent.zero_()
-                fu.meta_loss = 0.0
-                fu.run(n)
-                grads = fu.hypergrad(ol)
-                ml = fu.meta_loss + (float(ol(fu.params, hp)) if ol is not None else 0.0)
-                finite = math.isfinite(ml)
-            else:  # implicit
-                res = hypergrad.unroll(inner_loss, params, hp, self.opt, n, state=state, start=t, graph=False)
-                params, state, finite = res.params, res.state, res.finite
-                self._with_penalty, self._last_t = True, t + n - 1
-                grads = hypergrad.implicit(inner_loss, ol or outer_loss, params, hp, method="neumann",
-                                           iters=cfg.implicit_iters) if finite else {}
-                self._with_penalty = False
-                ml = float((ol or outer_loss)(params, hp)) if finite else math.nan
-            t += n
-            ok = finite and all(torch.isfinite(g).all() for g in grads.values())
-            ok, ml, norm = self._apply(grads, ml, ok)  # [distributed] all-reduced: every rank decides alike
+        while not est.done(state):
+            grads, metrics, state = est.estimate(self.meta_params, state)
+            ok = bool(metrics["finite"]) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+            # [distributed] every update goes through _apply, non-finite ones included, so that all
+            # ranks meet in the same all-reduce and take the same decision
+            ok, ml, norm = self._apply(grads, metrics["meta_loss"], ok)
             if not ok:
                 skipped += 1
                 break
@@ -232,22 +247,43 @@ class MetaTrainer:
         return out, float(flat[-2]) / world, float(flat[-1]) == 0.0
 
     # ------------------------------------------------------------------ validation
+    def _scores(self, opt, seeds) -> dict[str, list[float]]:
+        """Per seed, the final loss (a task) or ``log(final / initial loss)`` (a family), grouped by family."""
+        def one(s: int) -> tuple[str, float]:
+            r = rollout(self.task, opt, s, self.cfg.horizon)
+            if self.is_family:
+                v = math.log(r.final_loss / r.curve[0]) if math.isfinite(r.final_loss) and r.curve[0] > 0 else math.inf
+                return getattr(self.task.sample(seeded(s, 0)), "family", "task"), v
+            return "task", r.final_loss
+
+        out: dict[str, list[float]] = {}
+        for group, v in self.dist.map(one, list(seeds)):  # [distributed] rollouts spread over the ranks
+            out.setdefault(group, []).append(v)
+        return out
+
+    def _score(self, opt, seeds=None) -> float:
+        groups = self._scores(opt, seeds if seeds is not None else range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds))
+        vals = [v for vs in groups.values() for v in vs]
+        return sum(vals) / len(vals)
+
     def tune_adam(self) -> None:
         """Tune Adam's learning rate on tuning seeds, score it on the validation seeds (once per run)."""
         if "adam_val" in self.extra:
             return
-        lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon,
-                        map_fn=self.dist.map)  # [distributed] rollouts spread over the ranks
+        if self.is_family:  # the same normalised score as validation, so loss scales do not pick the rate
+            lr = min(ADAM_GRID, key=lambda lr: self._score(optim.Adam(lr=lr), TUNE_SEEDS))
+        else:
+            lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon,
+                            map_fn=self.dist.map)  # [distributed] rollouts spread over the ranks
         self.extra["adam_lr"] = lr
         self.extra["adam_val"] = self._score(optim.Adam(lr=lr))
 
-    def _score(self, opt) -> float:
-        seeds = range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds)
-        vals = self.dist.map(lambda s: rollout(self.task, opt, s, self.cfg.horizon).final_loss, list(seeds))
-        return sum(vals) / len(vals)
-
     def validate(self) -> float:
-        val = self._score(self.opt)
+        """Score the optimizer on the fixed held-out members; ``val_groups`` holds the per-family means."""
+        groups = self._scores(self.opt, range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds))
+        self.val_groups = {g: sum(v) / len(v) for g, v in groups.items()} if self.is_family else {}
+        vals = [v for vs in groups.values() for v in vs]
+        val = sum(vals) / len(vals)
         self.extra["history"].append([self.meta_step, val])
         if math.isfinite(val) and (self.best is None or val < self.best["val_loss"]):
             self.best = {"val_loss": val, "meta_step": self.meta_step,
@@ -350,7 +386,7 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
     trainer.tune_adam()
     log.postfix["adam"] = f"{trainer.extra['adam_val']:.4g}"
     end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, trainer.meta_step + stop_after)
-    is_lstm = cfg.optimizer == "lstm"
+    few = sum(p.numel() for p in trainer.meta_params.values()) <= 64  # log hyperparameters one by one
     last_saved = trainer.meta_step
     try:
         while trainer.meta_step < end:
@@ -362,7 +398,7 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
             log.scalar("meta/grad_norm", fig["grad_norm"], step)
             log.scalar("meta/skipped", trainer.extra["skipped"], step)
             log.scalar("meta/outer_lr", trainer.sched.get_last_lr()[0], step)
-            if not is_lstm:
+            if few:
                 for name, value in trainer.opt.hparams().items():
                     log.scalar(f"hparams/{name}", value, step)
                 for name, g in getattr(trainer, "last_grads", {}).items():
@@ -372,8 +408,10 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                 val = trainer.validate()
                 log.scalar("val/learned", val, step)
                 log.scalar("val/adam_tuned", trainer.extra["adam_val"], step)
-                if is_lstm and ctx.is_main:
-                    log.histogram("lstm/update_magnitude", torch.log10(trainer.update_magnitudes() + 1e-12), step)
+                for group, v in trainer.val_groups.items():
+                    log.scalar(f"val_family/{group}", v, step)
+                if ctx.is_main:
+                    log.histogram("opt/update_magnitude", torch.log10(trainer.update_magnitudes() + 1e-12), step)
                 postfix.update(val=val, best=trainer.best["val_loss"] if trainer.best else None)
             if step % cfg.save_every == 0 or step == end:
                 trainer.save()

@@ -26,12 +26,15 @@ products it costs 2.6-2.7x (see ``benchmarks/hypergrad_cost.py``).
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..optim.base import substitute
+from .estimator import Estimator, Options, register, split_term
 from .reverse import check_hparams
 from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, weight_at
 
@@ -144,41 +147,61 @@ class ForwardUnroll:
         self.meta_loss = 0.0
         self.t = 0
         self.losses: list[float] = []
+        self.finite = True
 
-    def run(self, steps: int) -> None:
-        """Advance every direction by ``steps`` inner steps."""
+    def run(self, steps: int) -> bool:
+        """Advance every direction by ``steps`` inner steps; False if a non-finite loss or gradient stopped it."""
         check_steps(steps)
         for _ in range(steps):
-            self._step()
+            if not self._step():
+                return False
+        return True
 
-    def _step(self) -> None:
+    def restart_objective(self) -> None:
+        """Start a new update chunk: the meta-loss and its tangent restart from zero; tangents of the state flow on."""
+        self.meta_tangent.zero_()
+        self.meta_loss = 0.0
+
+    def _step(self) -> bool:
+        """One inner step for the primal and every tangent; False (and no step) on a non-finite loss or gradient."""
         keys, hkeys = list(self.params), list(self.hparams)
         p = {k: v.detach().requires_grad_() for k, v in self.params.items()}
         with torch.enable_grad():
-            loss = self.inner_loss(p, self.hparams, self.t)
+            loss, term = split_term(self.inner_loss(p, self.hparams, self.t))
             wrt = [p[k] for k in keys] + [self.hparams[k] for k in hkeys]
             # graph through the gradient only when its tangent is needed (second order)
-            g_all = torch.autograd.grad(loss, wrt, create_graph=self.second_order, allow_unused=True)
+            g_all = torch.autograd.grad(loss, wrt, create_graph=self.second_order, allow_unused=True,
+                                        retain_graph=term is not loss or self.second_order)
+            # the meta-term's own gradient when it is not the loss (a normalised objective)
+            t_all = g_all if term is loss else torch.autograd.grad(term, wrt, allow_unused=True,
+                                                                    retain_graph=self.second_order)
         g_p = dict(zip(keys, g_all[:len(keys)]))
         g_h = dict(zip(hkeys, g_all[len(keys):]))
         grads = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in g_p.items()}
         lv = float(loss.detach())
+        self.losses.append(lv)
+        # the same non-finite stop as the reverse-mode unroll
+        if not (math.isfinite(lv) and all(bool(torch.isfinite(g).all()) for g in grads.values())):
+            self.finite = False
+            return False
+        tg_p = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in zip(keys, t_all[:len(keys)])}
+        tg_h = dict(zip(hkeys, t_all[len(keys):]))
         w = weight_at(self.meta_weights, self.t)
         step = _LinearizedStep(self.opt, self.params, grads, self.state, self.hparams)
         for d, (name, i) in enumerate(self.dirs):
             tp, ts = self.tangents[d]
-            if w is not None:  # d loss_t / d lambda_i = g . Z + dL/dlambda . e_i
-                lt = sum(float((grads[k] * tp[k]).sum()) for k in keys)
-                if g_h[name] is not None:
-                    lt += float(g_h[name].detach().reshape(-1)[i])
+            if w is not None:  # d term_t / d lambda_i = dterm/dparams . Z + dterm/dlambda . e_i
+                lt = sum(float((tg_p[k] * tp[k]).sum()) for k in keys)
+                if tg_h[name] is not None:
+                    lt += float(tg_h[name].detach().reshape(-1)[i])
                 self.meta_tangent[d] += float(w) * lt
             g_tan = self._gradient_tangent(p, g_p, g_h, tp, name, i) if self.second_order else {}
             self.tangents[d] = step.jvp(tp, g_tan, ts, name, i)
         self.params, self.state = step.primal
         if w is not None:
-            self.meta_loss += float(w) * lv
-        self.losses.append(lv)
+            self.meta_loss += float(w) * float(term.detach())
         self.t += 1
+        return True
 
     def _gradient_tangent(self, p: Params, g_p: dict, g_h: dict, tp: Params, name: str, i: int) -> Params:
         """``d/dparams [g . Z + dL/dlambda_name . e_i]``: the tangent of the gradient in direction ``i``."""
@@ -234,7 +257,8 @@ def forward(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params,
         raise ValueError("give an outer_loss, meta_weights, or both: the objective is empty")
     fu = ForwardUnroll(inner_loss, params, hparams, opt, second_order=second_order, meta_weights=meta_weights,
                        state=state, max_directions=max_directions)
-    fu.run(steps)
+    if not fu.run(steps):
+        raise FloatingPointError(f"non-finite loss or gradient at step {fu.t}; lower the learning rate or the horizon")
     return fu.hypergrad(outer_loss)
 
 
@@ -251,3 +275,58 @@ def forward_online(inner_loss: InnerLoss, outer_loss: OuterLoss, params: Params,
     while fu.t < steps:
         fu.run(min(every, steps - fu.t))
         yield fu.t, fu.hypergrad(outer_loss), fu
+
+
+@dataclass
+class ForwardOptions(Options):
+    """``max_directions``: refuse more scalar meta-parameters than this (cost is linear in them)."""
+
+    max_directions: int = 1000
+
+
+@register
+class Forward(Estimator):
+    """Forward mode (RTHO): tangents carried through the run; with ``every < steps`` they
+    flow on across the outer updates (Franceschi et al. 2017's real-time approximation).
+    """
+
+    name = "forward"
+    options_class = ForwardOptions
+
+    def check(self, problem, meta_params) -> None:
+        _directions(meta_params, self.options.max_directions)
+
+    def init(self, problem, meta_params, generator=None):
+        state = super().init(problem, meta_params, generator)
+        state.extra["_unroll"] = ForwardUnroll(problem.inner_loss, problem.params, meta_params, problem.opt,
+                                               second_order=problem.second_order, meta_weights=problem.meta_weights,
+                                               max_directions=self.options.max_directions)
+        return state
+
+    def _chunk(self, meta_params, state, n):
+        fu = state.extra["_unroll"]
+        fu.restart_objective()
+        finite = fu.run(n)
+        state.t += n
+        state.params, state.opt_state = fu.params, fu.state
+        if not finite:
+            return {k: torch.zeros_like(v) for k, v in meta_params.items()}, math.nan, False
+        ol = state.problem.outer_loss
+        grads = fu.hypergrad(ol)
+        ml = fu.meta_loss + (float(ol(fu.params, meta_params)) if ol is not None else 0.0)
+        return grads, ml, True
+
+    def state_dict(self, state):
+        out = super().state_dict(state)
+        if state is not None:
+            fu = state.extra["_unroll"]
+            out["extra"] = {"tangents": fu.tangents, "t": fu.t}
+        return out
+
+    def load_state_dict(self, state, saved):
+        if saved:
+            fu = state.extra["_unroll"]
+            fu.params, fu.state, fu.t = saved["params"], saved["opt_state"], saved["extra"]["t"]
+            fu.tangents = saved["extra"]["tangents"]
+            state.t, state.params, state.opt_state = saved["t"], saved["params"], saved["opt_state"]
+        return state

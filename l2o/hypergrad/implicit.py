@@ -162,3 +162,63 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
                              f"act only through the optimizer); use reverse or forward mode")
         result[k] = (d if d is not None else torch.zeros_like(h)) - (m if m is not None else torch.zeros_like(h))
     return result
+
+
+# ============================================================================= the estimator object
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from .estimator import Estimator, Options, loss_only, register  # noqa: E402
+from .unroll import unroll as _unroll  # noqa: E402
+
+
+@_dataclass
+class ImplicitOptions(Options):
+    """``iters``: Neumann-series terms; ``solver``: ``neumann`` or ``cg``."""
+
+    iters: int = 10
+    solver: str = "neumann"
+
+    def validate(self) -> "ImplicitOptions":
+        super().validate()
+        if self.solver not in ("neumann", "cg"):
+            raise ValueError(f"unknown implicit solver {self.solver!r}; choose neumann or cg")
+        return self
+
+
+@register
+class Implicit(Estimator):
+    """Implicit differentiation at the end of each chunk (Lorraine et al. 2019).
+
+    Each chunk runs ``every`` steps without a graph and takes :func:`implicit` at the
+    parameters reached, treating them as stationary for the step's training loss plus
+    the optimizer's ``penalty(params)`` (if it has one: an L2 decay applied in the
+    update is the loss term ``penalty``). It needs an outer loss and meta-parameters that
+    enter that objective; a learning rate, momentum or an optimizer's weights act only
+    through the update and are refused.
+    """
+
+    name = "implicit"
+    exact = False  # exact only at a true stationary point
+    options_class = ImplicitOptions
+
+    def _stationary(self, problem, t: int):
+        penalty = getattr(problem.opt, "penalty", None)
+        inner = loss_only(problem.inner_loss)
+        return lambda p, h, _: inner(p, h, t) + (penalty(p) if penalty is not None else 0.0)
+
+    def check(self, problem, meta_params) -> None:
+        if problem.outer_loss is None:
+            raise ValueError("implicit differentiation needs an outer loss (a final objective), not only per-step losses")
+        implicit(self._stationary(problem, 0), problem.outer_loss, problem.params, meta_params, iters=1,
+                 method=self.options.solver)
+
+    def _chunk(self, meta_params, state, n):
+        p = state.problem
+        res = _unroll(loss_only(p.inner_loss), state.params, meta_params, p.opt, n, state=state.opt_state,
+                      start=state.t, graph=False)
+        state.params, state.opt_state, state.t = res.params, res.state, state.t + n
+        if not res.finite:
+            return {k: torch.zeros_like(v) for k, v in meta_params.items()}, float("nan"), False
+        grads = implicit(self._stationary(p, state.t - 1), p.outer_loss, res.params, meta_params,
+                         method=self.options.solver, iters=self.options.iters)
+        return grads, float(p.outer_loss(res.params, meta_params)), True

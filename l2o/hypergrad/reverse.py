@@ -145,3 +145,59 @@ def truncated(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Param
         for k, g in seg.grads.items():
             total[k] += g
     return total
+
+
+# ============================================================================= the estimator objects
+from dataclasses import dataclass as _dataclass  # noqa: E402  (kept beside the estimators they configure)
+
+from .estimator import Estimator, Options, register, zeros_like  # noqa: E402
+
+
+@_dataclass
+class TruncatedOptions(Options):
+    """``truncate``: backpropagate through ``K`` steps at a time (None: the whole chunk)."""
+
+    truncate: int | None = None
+
+
+@register
+class Truncated(Estimator):
+    """Truncated backpropagation: each chunk is cut into :func:`segments` of ``truncate`` steps.
+
+    The chunk's estimate is the sum of its segments' gradients, the state at each
+    segment boundary held constant (Shaban et al. 2019). With ``truncate >= every`` it
+    is exact reverse mode over the chunk; with ``every < steps`` it is TRHO (the L2L
+    paper's training). Memory: one segment's graph.
+    """
+
+    name = "truncated"
+    exact = False  # biased when truncate < horizon
+    options_class = TruncatedOptions
+
+    def segment_length(self, problem) -> int:
+        return self.options.truncate or self.every(problem)
+
+    def _chunk(self, meta_params, state, n):
+        p = state.problem
+        grads, ml, finite = zeros_like(meta_params), 0.0, True
+        for seg in segments(p.inner_loss, p.outer_loss, state.params, meta_params, p.opt, n,
+                            min(self.segment_length(p), n), second_order=p.second_order,
+                            meta_weights=p.meta_weights, state=state.opt_state, start=state.t):
+            finite = finite and seg.finite
+            for k in grads:
+                grads[k] += seg.grads[k]
+            ml += seg.meta_loss
+        state.params, state.opt_state, state.t = seg.params, seg.state, state.t + n
+        return grads, ml, finite
+
+
+@register
+class Reverse(Truncated):
+    """Full reverse mode: backpropagation through every step of each chunk (exact)."""
+
+    name = "reverse"
+    exact = True
+    options_class = Options
+
+    def segment_length(self, problem) -> int:
+        return self.every(problem)

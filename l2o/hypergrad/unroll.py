@@ -1,7 +1,9 @@
 """The single inner loop shared by meta-training (with graph) and evaluation (without).
 
 ``inner_loss(params, hparams, step) -> scalar`` is the training objective at inner step
-``step`` (``step=None`` means the full objective, used by implicit differentiation);
+``step`` (``step=None`` means the full objective, used by implicit differentiation); it
+may return ``(loss, meta_term)``: the optimizer descends ``loss``, the meta-loss sums
+``w_t * meta_term`` (e.g. a normalised ``log(loss_t / loss_0)``);
 ``opt`` is any :class:`l2o.optim.DifferentiableOptimizer`. One inner step is
 
     loss_t = inner_loss(params_t, hparams, t)
@@ -92,7 +94,8 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
     for t in range(start, start + steps):
         with torch.enable_grad():
             p_in = {k: (v if v.requires_grad else v.detach().requires_grad_()) for k, v in params.items()}
-            loss = inner_loss(p_in, hparams, t)
+            out = inner_loss(p_in, hparams, t)
+            loss, term = (out[0], out[1]) if isinstance(out, tuple) else (out, out)
             grads = torch.autograd.grad(loss, list(p_in.values()), create_graph=graph and second_order,
                                         retain_graph=graph, allow_unused=True)
         grads = {k: (g if g is not None else torch.zeros_like(p_in[k])) for k, g in zip(keys, grads)}
@@ -105,11 +108,11 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
         w = weight_at(meta_weights, t)
         if graph:
             if w is not None:
-                meta_loss = meta_loss + w * loss
+                meta_loss = meta_loss + w * term
             params, state = opt.step(p_in, grads, state)
         else:
             if w is not None:
-                meta_loss = meta_loss + float(w) * lv
+                meta_loss = meta_loss + float(w) * (lv if term is loss else float(term.detach()))
             with torch.no_grad():  # no graph is recorded, so p_in needs no detaching
                 params, state = opt.step(p_in, grads, state)
     return UnrollResult(params, state, meta_loss, losses)

@@ -88,7 +88,7 @@ class DifferentiableOptimizer(nn.Module):
         unknown = [n for n in (names or []) if n not in self._kinds]
         if unknown:
             raise ValueError(f"{type(self).__name__} has no hyperparameter {unknown[0]!r}; "
-                             f"it has {', '.join(self._kinds)}")
+                             f"it has {', '.join(self._kinds) or 'none (leave --learn out to learn its weights)'}")
         for name, kind in self._kinds.items():
             raw = getattr(self, _TRANSFORMS[kind][0] + name, None)
             if isinstance(raw, nn.Parameter):
@@ -97,6 +97,10 @@ class DifferentiableOptimizer(nn.Module):
 
     def project_(self) -> None:
         """Keep hyperparameters valid after an outer step (constraints are in the parametrisation)."""
+
+    def default_update_every(self, truncation: int, horizon: int) -> int:
+        """Inner steps between meta-updates when the user asks for none: once per run (a few hyperparameters)."""
+        return horizon
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments that rebuild this optimizer (weights come from ``state_dict``)."""

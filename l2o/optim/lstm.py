@@ -91,6 +91,18 @@ class LSTMOptimizer(DifferentiableOptimizer):
             self.skip = nn.Linear(n_in, 2, bias=False)
             nn.init.zeros_(self.skip.weight)
 
+    def learn(self, names: list[str] | None) -> "LSTMOptimizer":
+        """None: learn every weight; a list of names: the LSTM has no hyperparameters, so its weights stay fixed
+        (``WeightDecay(lstm).learn(["weight_decay"])`` learns only the decay)."""
+        super().learn(names)
+        for p in self.parameters():
+            p.requires_grad_(names is None)
+        return self
+
+    def default_update_every(self, truncation: int, horizon: int) -> int:
+        """Thousands of weights learn from many small updates: one per truncation, as the L2L paper trains."""
+        return truncation
+
     # ------------------------------------------------------------------ compiled path
     def use_compiled(self, enabled: bool = True) -> "LSTMOptimizer":
         """Run no-graph steps through ``torch.compile`` (opt-in; eager fallback).

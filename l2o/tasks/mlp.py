@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import DatasetTask, cross_entropy
 
-ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 
 
 def build_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str) -> nn.Module:
@@ -26,7 +26,7 @@ class MLPTask(DatasetTask):
     Args:
         dataset: ``mnist`` or ``fashion_mnist``.
         hidden: hidden layer sizes (default one layer of 20, as in the L2L paper).
-        activation: ``sigmoid`` (default), ``relu`` or ``tanh``.
+        activation: ``sigmoid`` (default), ``relu``, ``tanh`` or ``elu``.
         batch_size: minibatch size (default 128).
         data_dir: data root (see :func:`l2o.tasks.data.data_root`).
     """
