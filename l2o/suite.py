@@ -9,6 +9,7 @@ TensorBoard run per optimizer under ``tb/<task>/<optimizer>``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +23,6 @@ from . import checkpoint, optim, report, tasks
 from .evaluate import log_grid, rollout, tune_lr
 from .optim import DifferentiableOptimizer
 from .tasks import DataNotFoundError, Task
-from .tasks.data import data_root
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu")
     for path in paths:
         opt = checkpoint.build_optimizer(checkpoint.load(path, map_location=device), which).to(device)
         stem = os.path.splitext(os.path.basename(path))[0]
+        if stem == "checkpoint":  # meta_train.py's runs/<name>/checkpoint.pt: the run's name says more
+            stem = os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
         name, i = stem, 1
         while name in out or name in BASELINES:
             name, i = f"{stem}_{i}", i + 1
@@ -110,15 +112,25 @@ def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu")
     return out
 
 
+SHIPPED_TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_lrs.json")
+
+
 class TuningCache:
     """Tuned learning rates in one JSON file, keyed by everything that determines them.
 
+    A lookup reads the user's file first, then the read-only file shipped with l2o
+    (``l2o/tuned_lrs.json``: the default suite tuned on the real datasets), so a first
+    evaluation of the default suite needs no tuning. New results go to the user's file only.
+
     Args:
-        folder: where ``tuning.json`` lives; None disables caching.
+        folder: where the user's ``tuning.json`` lives; None: keep no cache of one's own.
+        shipped: the read-only fallback file (None: none).
+        read: False ignores every cached value (``--retune``) but still writes new ones.
     """
 
-    def __init__(self, folder: str | None) -> None:
+    def __init__(self, folder: str | None, shipped: str | None = SHIPPED_TUNING, read: bool = True) -> None:
         self.path = None if folder is None else os.path.join(os.path.expanduser(folder), "tuning.json")
+        self.shipped, self.read = shipped, read
 
     @staticmethod
     def default_folder() -> str:
@@ -130,16 +142,25 @@ class TuningCache:
     def key(**fields: Any) -> str:
         return json.dumps(report.clean(fields), sort_keys=True)
 
-    def _read(self) -> dict:
+    @staticmethod
+    def _read_file(path: str | None) -> dict:
+        if path is None:
+            return {}
         try:
-            with open(self.path) as fh:  # type: ignore[arg-type]
+            with open(path) as fh:
                 data = json.load(fh)
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):  # absent or damaged: start afresh (it is only a cache)
             return {}
 
+    def _read(self) -> dict:
+        return self._read_file(self.path)
+
     def get(self, key: str) -> dict | None:
-        return None if self.path is None else self._read().get(key)
+        if not self.read:
+            return None
+        hit = self._read().get(key)
+        return hit if hit is not None else self._read_file(self.shipped).get(key)
 
     def put(self, key: str, value: dict) -> None:
         if self.path is None:
@@ -148,9 +169,29 @@ class TuningCache:
         data[key] = report.clean(value)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(self.path))
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, self.path)
+        try:
+            os.chmod(tmp, 0o644)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def data_fingerprint(task: Task) -> dict | None:
+    """What identifies a task's data without naming where it lives: split sizes and a label digest.
+
+    The cache key uses this rather than the data folder's path, so tuned rates computed on
+    one machine serve every copy of the same dataset (and never a different or tiny one).
+    """
+    splits = getattr(task, "_splits", None)
+    if not splits:
+        return None
+    train = splits["train"]
+    digest = hashlib.sha1(train.y[:4096].cpu().numpy().tobytes()).hexdigest()[:16]
+    return {"train": len(train), "test": len(splits["test"]), "labels": digest}
 
 
 def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[float], seeds: Sequence[int],
@@ -161,9 +202,9 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
         ``{"lr", "scores": [[lr, mean final loss], ...], "at_edge", "cached"}``;
         ``at_edge`` is true when the best rate is still the smallest or largest tried.
     """
-    data = os.path.abspath(data_root(task.data_dir)) if hasattr(task, "data_dir") else None
-    key = cache.key(v=1, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
-                    seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()), data=data)
+    key = cache.key(v=2, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
+                    seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()),
+                    data=data_fingerprint(task))
     hit = cache.get(key)
     if hit is not None:
         return {**hit, "cached": True}
@@ -178,10 +219,10 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
 
 
 def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
-    """A tqdm bar on stderr, shown only on a terminal (and when ``enabled``)."""
-    from tqdm import tqdm
+    """A tqdm bar on a terminal, plain periodic lines otherwise (:func:`l2o.progress.bar`); none if not ``enabled``."""
+    from .progress import bar
 
-    return tqdm(total=total, desc=desc, leave=leave, disable=None if enabled else True, dynamic_ncols=True)
+    return bar(total, desc, enabled, leave=leave)
 
 
 def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,
