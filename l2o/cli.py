@@ -89,8 +89,12 @@ def set_threads(n: int) -> None:
 
 def writable_dir(path: str, flag: str) -> str:
     """Create folder ``path`` if needed and prove it writable, else raise :class:`UsageError`."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a file, not a folder; give a folder path")
+    probe_path = os.path.abspath(path)
+    while not os.path.exists(probe_path) and os.path.dirname(probe_path) != probe_path:
+        probe_path = os.path.dirname(probe_path)  # the nearest part of the path that exists
+    if not os.path.isdir(probe_path):
+        shown = repr(path) if probe_path == os.path.abspath(path) else f"{path!r}: {probe_path!r}"
+        raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder path")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)

@@ -272,8 +272,8 @@ def _check_outputs(cfg: TrainConfig) -> None:
     """Refuse an output path that cannot be written, before any data is loaded or step run."""
     from .cli import writable_dir, writable_file
 
-    writable_file(cfg.checkpoint_path, "--checkpoint")
     writable_dir(cfg.run_dir, "--log-dir")
+    writable_file(cfg.checkpoint_path, "--checkpoint")
 
 
 def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
