@@ -32,7 +32,7 @@ class PlainProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= self.every or self.n >= self.total:
+        if now - self.last >= self.every or self.n == self.total:
             self.last = now
             self.file.write(self.line() + "\n")
             self.file.flush()
@@ -40,7 +40,7 @@ class PlainProgress:
     def line(self) -> str:
         elapsed = time.monotonic() - self.t0
         done = self.n - self.start_n
-        eta = _clock(elapsed / done * (self.total - self.n)) if done > 0 else "?"
+        eta = _clock(elapsed / done * max(self.total - self.n, 0)) if done > 0 else "?"
         pct = f"{100 * self.n / self.total:.0f}%" if self.total else "-"
         tail = f", {self.postfix}" if self.postfix else ""
         return f"{self.desc}: {self.n}/{self.total} ({pct}) elapsed {_clock(elapsed)}, ETA {eta}{tail}"
