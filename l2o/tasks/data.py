@@ -93,6 +93,15 @@ def _torchvision_idx(kind: str, root: str, train: bool):
         ) from None
 
 
+def on_disk(name: str, data_dir: str | None = None) -> bool:
+    """Whether dataset ``name`` is already under the data root (no download is tried)."""
+    root = data_root(data_dir)
+    if name == "cifar10":
+        return cifar10_folder(root) is not None
+    folder = os.path.join(root, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name], "raw")
+    return all(os.path.isfile(os.path.join(folder, f)) for files in IDX_FILES.values() for f in files)
+
+
 def cifar10_folder(root: str) -> str | None:
     """Find a ``cifar-10-batches-py`` folder under ``root`` (full release or a subset)."""
     for cand in (
