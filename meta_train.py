@@ -20,9 +20,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from l2o.checkpoint import CheckpointError
+from l2o.checkpoint import CheckpointError, load as load_checkpoint
 from l2o.cli import Parser, add_threads, csv_list, fail, finite_float, positive_int, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.optim import NAMES as OPTIMIZERS
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
+        if args.resume and args.meta_steps is None and os.path.isfile(cfg.checkpoint_path):
+            # a resumed run keeps its own length (a --preset paper run is not cut to the quick preset's)
+            cfg.meta_steps = load_checkpoint(cfg.checkpoint_path)["config"].get("meta_steps", cfg.meta_steps)
         trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
         fail(PROG, str(exc))
