@@ -1,13 +1,14 @@
 """Evaluate learned optimizers on new tasks against tuned baselines.
 
-    python meta_eval.py                                   # checkpoints/lstm_mnist.pt on the default suite
-    python meta_eval.py --checkpoint runs/a.pt --checkpoint runs/b.pt --tasks mnist_mlp,quadratic
-    python meta_eval.py --baselines-only --seeds 5 --out eval_out
+    python meta_eval.py                                   # your meta_train.py run (else the shipped LSTM)
+    python meta_eval.py --checkpoint runs/a/checkpoint.pt --checkpoint lstm_mnist --tasks mnist_mlp,quadratic
+    python meta_eval.py --baselines-only --seeds 5 --out runs/eval_baselines
     python meta_eval.py --workers 2                       # spread tuning and evaluation over 2 processes
     torchrun --standalone --nproc_per_node=2 meta_eval.py # the same under torchrun (or across machines)
 
 Writes OUT/results.json, OUT/results.md (also printed), OUT/<task>.png and TensorBoard
-runs under OUT/tb (``tensorboard --logdir OUT/tb``). The logic lives in l2o.suite.
+runs under OUT/tb (``tensorboard --logdir OUT/tb``); an OUT holding results is never
+replaced without --overwrite. The logic lives in l2o.suite.
 """
 from __future__ import annotations
 
@@ -15,31 +16,19 @@ import argparse
 import os
 import sys
 
+from l2o.cli import Parser, add_threads, fail as _fail, positive_int as positive, set_threads
+
 PROG = "meta_eval.py"
-DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "lstm_mnist.pt")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage dump) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        fail(message)
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_CHECKPOINT = os.path.join(HERE, "checkpoints", "lstm_mnist.pt")
+DEFAULT_RUN = os.path.join("runs", "lstm_mnist", "checkpoint.pt")  # what `python meta_train.py` writes
+DEFAULT_OUT = os.path.join("runs", "eval")
 
 
 def fail(message: str) -> None:
     if os.environ.get("RANK", "0") == "0":  # with several processes every rank fails alike; rank 0 says so
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        _fail(PROG, message)
     raise SystemExit(2)
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def grid(text: str) -> tuple[float, float, int]:
@@ -48,13 +37,22 @@ def grid(text: str) -> tuple[float, float, int]:
         lo, hi, n = float(lo), float(hi), int(n)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LO,HI,N (e.g. 1e-4,1,9), got {text!r}") from None
-    if not (0 < lo <= hi and n >= 1):
-        raise argparse.ArgumentTypeError(f"need 0 < LO <= HI and N >= 1, got {text!r}")
+    if not (0 < lo <= hi < float("inf") and n >= 1):
+        raise argparse.ArgumentTypeError(f"need finite 0 < LO <= HI and N >= 1, got {text!r}")
     return lo, hi, n
 
 
 def names(text: str) -> list[str]:
-    return [t for t in text.replace(" ", ",").split(",") if t]
+    out = [t for t in text.replace(" ", ",").split(",") if t]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return out
+
+
+def shipped_name(path: str) -> str:
+    """``lstm_mnist`` -> the shipped checkpoints/lstm_mnist.pt when no such file exists here."""
+    shipped = os.path.join(HERE, "checkpoints", f"{path}.pt")
+    return shipped if not os.path.exists(path) and os.sep not in path and os.path.isfile(shipped) else path
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                epilog=f"default suite (--tasks):\n{suite}\n\nThe CIFAR-10 task is skipped with a note when its data "
                       f"is missing.\nTuned learning rates are cached (--cache-dir), so a second evaluation is fast.")
     p.add_argument("--checkpoint", action="append", metavar="PATH",
-                   help="saved optimizer to evaluate (repeatable); default checkpoints/lstm_mnist.pt")
+                   help=f"saved optimizer to evaluate (repeatable): a file written by meta_train.py or a shipped "
+                        f"name (lstm_mnist, lstm_cifar10); default {DEFAULT_RUN} (what meta_train.py writes by "
+                        f"default) if it exists, else the shipped checkpoints/lstm_mnist.pt")
     p.add_argument("--baselines-only", action="store_true", help="evaluate no saved optimizer, only the baselines")
     p.add_argument("--which", choices=("best", "current"), default="best",
                    help="weights to evaluate from each checkpoint: best by validation (default) or the latest")
@@ -86,19 +86,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         + "; widened automatically when the best rate is at an edge)")
     p.add_argument("--test-points", type=positive, default=4, metavar="K",
                    help="measure test loss/accuracy at K evenly spaced steps, the last one the final step (default 4)")
-    p.add_argument("--out", default="eval_out", metavar="DIR", help="output folder (default eval_out)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results in an --out that already holds some (results, plots and TensorBoard "
+                        "runs; other files are left alone)")
     p.add_argument("--cache-dir", metavar="DIR",
-                   help="tuning cache folder (default $L2O_CACHE_DIR or ~/.cache/l2o)")
+                   help="tuning cache folder (default $L2O_CACHE_DIR or ~/.cache/l2o); the rates of the default "
+                        "suite on the real datasets ship with l2o, so they are not tuned again")
+    p.add_argument("--retune", action="store_true", help="tune every learning rate afresh (ignore cached and shipped "
+                                                         "rates) and cache the new ones")
     p.add_argument("--no-cache", action="store_true", help="re-tune learning rates and keep no cache")
     p.add_argument("--data-dir", metavar="DATA", help="data root (default $L2O_DATA_DIR or ./data)")
     p.add_argument("--device", default="cpu", help="torch device for tasks and optimizers (default cpu)")
-    p.add_argument("--threads", type=positive, default=1, metavar="N",
-                   help="torch CPU threads (default 1: these small models gain nothing from more, "
-                        "and oversubscribed cores make them many times slower)")
+    add_threads(p)
     p.add_argument("--workers", type=positive, default=1, metavar="N",
                    help="processes to spread tuning and evaluation over (default 1; under torchrun its processes "
                         "are used); the results are the same as with one")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress display (bars on a terminal, a plain line every 30 s otherwise)")
     args = p.parse_args(argv)
     if args.baselines == ["none"]:
         args.baselines = []
@@ -108,6 +113,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.tuning_seeds > EVAL_SEEDS[0]:
         fail(f"--tuning-seeds must be <= {EVAL_SEEDS[0]} so tuning and evaluation seeds stay disjoint")
     return args
+
+
+OWNED = ("results.json", "results.md", "tb")  # plus <entry>.png: what an evaluation writes into --out
+
+
+def earlier_results(out: str, overwrite: bool) -> list[str]:
+    """The results of an earlier evaluation in ``out``; refused (one line, exit 2) unless ``overwrite``."""
+    from l2o.suite import SUITE
+
+    owned = [os.path.join(out, n) for n in (*OWNED, *(f"{e.name}.png" for e in SUITE))]
+    found = [p for p in owned if os.path.lexists(p)]
+    if found and not overwrite:
+        fail(f"--out {out!r} already holds results ({os.path.basename(found[0])}); pass --overwrite to replace "
+             f"them or choose another --out (nothing was changed)")
+    return found
+
+
+def remove(paths: list[str]) -> None:
+    """Delete earlier results (so no stale plot or TensorBoard run of another task stays behind)."""
+    import shutil
+
+    for path in paths:
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,9 +161,8 @@ def _worker(argv: list[str]) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Check the inputs, then run the suite (as one rank of several when launched so)."""
+    set_threads(args.threads)
     import torch
-
-    torch.set_num_threads(args.threads)
 
     from l2o import suite
     from l2o.checkpoint import CheckpointError
@@ -145,32 +172,48 @@ def evaluate(args: argparse.Namespace) -> int:
         device = torch.device(args.device)
     except (RuntimeError, ValueError):
         fail(f"bad --device {args.device!r}; use e.g. cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        fail(f"--device {args.device!r}: l2o runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {args.device} asked for, but CUDA is not available here")
     if args.baselines_only and args.checkpoint:
         fail("--checkpoint and --baselines-only exclude each other")
-    paths = [] if args.baselines_only else (args.checkpoint or [])
+    paths = [] if args.baselines_only else [shipped_name(p) for p in (args.checkpoint or [])]
     if not paths and not args.baselines_only:
-        if not os.path.isfile(DEFAULT_CHECKPOINT):
-            fail("no optimizer to evaluate: checkpoints/lstm_mnist.pt does not exist; pass --checkpoint PATH, "
-                 "train one with meta_train.py, or use --baselines-only")
-        paths = [DEFAULT_CHECKPOINT]
+        if os.path.isfile(DEFAULT_RUN):
+            paths = [DEFAULT_RUN]
+        elif os.path.isfile(SHIPPED_CHECKPOINT):
+            paths = [SHIPPED_CHECKPOINT]
+        else:
+            fail(f"no optimizer to evaluate: neither {DEFAULT_RUN} nor checkpoints/lstm_mnist.pt exists; pass "
+                 f"--checkpoint PATH, train one with meta_train.py, or use --baselines-only")
     if not paths and not args.baselines:
         fail("nothing to evaluate: no checkpoint and no baselines")
+    from l2o.cli import UsageError, writable_dir
+
+    cache_dir = None if args.no_cache else (args.cache_dir or suite.TuningCache.default_folder())
     try:
         learned = suite.load_learned(paths, args.which, str(device))
         entries = suite.select(args.tasks)
+        if os.environ.get("RANK", "0") == "0":  # rank 0 alone writes
+            writable_dir(args.out, "--out")
+            if cache_dir is not None:
+                writable_dir(os.path.expanduser(cache_dir), "--cache-dir")
+        stale = earlier_results(args.out, args.overwrite)
         notes: list[str] = []
         main_rank = os.environ.get("RANK", "0") == "0"
         built = suite.build_tasks(entries, args.data_dir, str(device),
                                   log=lambda m: (notes.append(m), main_rank and print(m)))
-        if main_rank:
-            os.makedirs(args.out, exist_ok=True)
-    except (CheckpointError, DataNotFoundError, ValueError, OSError) as exc:
+        if built and main_rank:
+            remove(stale)
+    except (CheckpointError, DataNotFoundError, UsageError, ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if not built:
         fail("no task left to evaluate (their data is missing)")
-    cache = suite.TuningCache(None if args.no_cache else (args.cache_dir or suite.TuningCache.default_folder()))
+    if main_rank:
+        print(f"evaluating {', '.join(f'{n} ({p})' for n, (p, _) in learned.items()) or 'the baselines only'} "
+              f"on {len(built)} task(s); results go to {args.out}", flush=True)
+    cache = suite.TuningCache(cache_dir, read=not (args.retune or args.no_cache))
     from l2o import distributed
 
     try:
@@ -185,7 +228,10 @@ def evaluate(args: argparse.Namespace) -> int:
                             cache=cache, n_checkpoints=args.test_points, progress=not args.no_progress, notes=notes,
                             ctx=ctx)
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; results of the tasks finished so far are in {args.out}", file=sys.stderr)
+        done = os.path.isfile(os.path.join(args.out, "results.json"))  # --out held none when this run began
+        where = (f"results of the tasks finished so far are in {args.out}" if done
+                 else "no task had finished, so no results were written")
+        print(f"\n{PROG}: interrupted; {where}", file=sys.stderr)
         return 130
     except distributed.PeerLost as exc:
         print(f"{PROG}: {exc}; results of the tasks finished so far are in {args.out}", file=sys.stderr)
@@ -207,7 +253,9 @@ if __name__ == "__main__":
         code = main()
     except KeyboardInterrupt:  # during imports or setup
         print(f"\n{PROG}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    except SystemExit as exc:  # argparse and fail(): exit 2 after one line
+        code = exc.code if isinstance(exc.code, int) else 1
     if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,13 +1,17 @@
 #!/usr/bin/env python
 """Meta-train a learned optimizer (or learn hyperparameters) on an optimizee task.
 
-Defaults reproduce the L2L paper's MNIST setup: a 2x20 coordinatewise LSTM trained on
-a 1x20 sigmoid MLP (batch 128), 100-step unrolls truncated every 20 steps, meta-loss =
-sum of training losses, outer Adam with learning rate 1e-3; the result is written to
-checkpoints/lstm_mnist.pt and TensorBoard logs to runs/lstm_mnist/.
+Defaults follow the L2L paper's MNIST setup: a 2x20 coordinatewise LSTM trained on a
+1x20 sigmoid MLP (batch 128), 100-step unrolls truncated every 20 steps, meta-loss =
+sum of training losses, outer Adam with learning rate 1e-3, for 60 meta-steps (the
+quick preset: a few minutes on 2 CPU cores, below tuned Adam); --preset paper runs the
+full 200. The run is written to runs/<name>/ (default runs/lstm_mnist/): checkpoint.pt
+next to its TensorBoard logs. checkpoints/ holds the shipped optimizers and is never
+written.
 
 Examples:
-    python meta_train.py                                   # the shipped LSTM
+    python meta_train.py                                   # quick LSTM run -> runs/lstm_mnist/checkpoint.pt
+    python meta_train.py --preset paper                    # the full recipe (stage 1 of the shipped LSTM)
     python meta_train.py --task cifar10_conv --data-dir DATA
     python meta_train.py --optimizer momentum --learn lr,momentum --method forward --objective final_train
     python meta_train.py --optimizer sgd --learn weight_decay --method implicit --objective final_test --online 50
@@ -21,25 +25,21 @@ import argparse
 import os
 import sys
 
-from l2o.checkpoint import CheckpointError
-from l2o.config import METHODS, OBJECTIVES, TrainConfig, UsageError
+from l2o.checkpoint import CheckpointError, load as load_checkpoint
+from l2o.cli import Parser, add_threads, csv_list, fail, finite_float, positive_int, set_threads
+from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.optim import NAMES as OPTIMIZERS
 from l2o.tasks import FAMILIES, TASKS, DataNotFoundError
 
-
-def csv_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
-    return parse
+PROG = "meta_train.py"
 
 
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="meta_train.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=list(PRESETS), default="quick",
+                    help="quick (default: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["quick"].items())
+                         + ") or paper (the full recipe: --meta-steps 200); explicit flags override it")
     g = ap.add_argument_group("optimizee")
     g.add_argument("--task", default=d.task, help=f"optimizee: {', '.join(TASKS)}, or a user task as an import path "
                    f"package.module:function or file.py:function (default %(default)s)")
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                    "'mlp:width=10-64,activation=relu|tanh+quadratic:dim=5-10+mnist_mlp' (see README)")
     g.add_argument("--hidden", type=csv_list(int), help="hidden sizes of the MLP, e.g. 20 or 40,40 (cifar10_conv: FC width)")
     g.add_argument("--activation", help="MLP activation: sigmoid (default), relu or tanh")
-    g.add_argument("--batch-size", type=int, help="optimizee minibatch size (default 128)")
+    g.add_argument("--batch-size", type=positive_int, help="optimizee minibatch size (default 128)")
     g.add_argument("--data-dir", help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
     g = ap.add_argument_group("optimizer to learn")
     g.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default %(default)s)")
@@ -55,49 +55,52 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--inputs", default=d.inputs, help="LSTM inputs: paper (log/sign gradient), plain, rich (momenta + normalised gradient) (default %(default)s)")
     g.add_argument("--readout", default=d.readout, help="LSTM readout: linear (the paper) or dir_mag (direction x exp(log-magnitude), "
                    "with a skip path from the inputs) (default %(default)s)")
-    g.add_argument("--skip-gain", type=float, default=d.skip_gain, help="gain of the dir_mag skip path (a larger meta "
+    g.add_argument("--skip-gain", type=finite_float, default=d.skip_gain, help="gain of the dir_mag skip path (a larger meta "
                    "learning rate for the step-size weights) (default %(default)s)")
-    g.add_argument("--lstm-hidden", type=int, default=d.lstm_hidden, help="LSTM width (default %(default)s)")
-    g.add_argument("--lstm-layers", type=int, default=d.lstm_layers, help="LSTM layers (default %(default)s)")
-    g.add_argument("--output-scale", type=float, default=d.output_scale, help="LSTM output scale (default %(default)s)")
-    g.add_argument("--lr", type=float, help="initial learning rate of a hand-designed optimizer")
-    g.add_argument("--momentum", type=float, help="initial momentum")
-    g.add_argument("--decay", type=float, help="initial lr decay exponent (momentum_inv_decay)")
-    g.add_argument("--weight-decay", type=float, help="initial weight decay (adds a learnable decay when learned)")
+    g.add_argument("--lstm-hidden", type=positive_int, default=d.lstm_hidden, help="LSTM width (default %(default)s)")
+    g.add_argument("--lstm-layers", type=positive_int, default=d.lstm_layers, help="LSTM layers (default %(default)s)")
+    g.add_argument("--output-scale", type=finite_float, default=d.output_scale, help="LSTM output scale (default %(default)s)")
+    g.add_argument("--lr", type=finite_float, help="initial learning rate of a hand-designed optimizer")
+    g.add_argument("--momentum", type=finite_float, help="initial momentum")
+    g.add_argument("--decay", type=finite_float, help="initial lr decay exponent (momentum_inv_decay)")
+    g.add_argument("--weight-decay", type=finite_float, help="initial weight decay (adds a learnable decay when learned)")
     g.add_argument("--per-parameter", action="store_true", help="one weight decay per weight")
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
-    g.add_argument("--horizon", type=int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")
-    g.add_argument("--truncation", type=int, default=d.truncation, help="steps per truncation (truncated, pes, es) (default %(default)s)")
-    g.add_argument("--online", type=int, help="update the meta-parameters every K inner steps of a run (RTHO with forward, "
+    g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")
+    g.add_argument("--truncation", type=positive_int, default=d.truncation, help="steps per truncation (truncated, pes, es) (default %(default)s)")
+    g.add_argument("--online", type=positive_int, help="update the meta-parameters every K inner steps of a run (RTHO with forward, "
                    "TRHO with truncated); default: every truncation for the LSTM, once per run otherwise")
     g.add_argument("--objective", help=f"{', '.join(OBJECTIVES)} (default: normalised = mean over steps of "
                    "log(loss_t / loss_0) with --family, sum_train otherwise)")
     g.add_argument("--second-order", action="store_true", help="differentiate through the optimizee gradients (off in the L2L paper)")
-    g.add_argument("--meta-batch", type=int, default=d.meta_batch, help="optimizees per meta-step, averaged (default %(default)s)")
-    g.add_argument("--population", type=int, default=d.population, help="pes/es: antithetic particle pairs "
+    g.add_argument("--meta-batch", type=positive_int, default=d.meta_batch, help="optimizees per meta-step, averaged (default %(default)s)")
+    g.add_argument("--population", type=positive_int, default=d.population, help="pes/es: antithetic particle pairs "
                    "(2N perturbed unrolls per truncation) (default %(default)s)")
-    g.add_argument("--sigma", type=float, default=d.sigma, help="pes/es: perturbation standard deviation (default %(default)s)")
-    g.add_argument("--implicit-iters", type=int, default=d.implicit_iters, help="Neumann terms for --method implicit (default %(default)s)")
+    g.add_argument("--sigma", type=finite_float, default=d.sigma, help="pes/es: perturbation standard deviation (default %(default)s)")
+    g.add_argument("--implicit-iters", type=positive_int, default=d.implicit_iters, help="Neumann terms for --method implicit (default %(default)s)")
     g = ap.add_argument_group("outer loop")
-    g.add_argument("--meta-steps", type=int, default=d.meta_steps, help="meta-steps (inner runs) in total (default %(default)s)")
+    g.add_argument("--meta-steps", type=positive_int, help="meta-steps (inner runs) in total (default: the preset's)")
     g.add_argument("--outer-optimizer", default=d.outer_optimizer, help="adam, sgd or rmsprop (default %(default)s)")
-    g.add_argument("--outer-lr", type=float, default=d.outer_lr, help="meta learning rate (default %(default)s)")
+    g.add_argument("--outer-lr", type=finite_float, default=d.outer_lr, help="meta learning rate (default %(default)s)")
     g.add_argument("--lr-schedule", default=d.lr_schedule, help="cosine or constant (default %(default)s)")
-    g.add_argument("--clip", type=float, default=d.clip, help="meta-gradient norm clipping, 0 = off (default %(default)s)")
+    g.add_argument("--clip", type=finite_float, default=d.clip, help="meta-gradient norm clipping, 0 = off (default %(default)s)")
     g = ap.add_argument_group("validation, logging, checkpoints")
-    g.add_argument("--val-every", type=int, default=d.val_every, help="validate every N meta-steps (default %(default)s)")
-    g.add_argument("--val-seeds", type=int, default=d.val_seeds, help="held-out optimizee seeds for validation (default %(default)s)")
-    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N meta-steps (default %(default)s)")
+    g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N meta-steps (default %(default)s)")
+    g.add_argument("--val-seeds", type=positive_int, default=d.val_seeds, help="held-out optimizee seeds for validation (default %(default)s)")
+    g.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N meta-steps (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="run seed (default %(default)s)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")
     g.add_argument("--name", help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
-    g.add_argument("--log-dir", default=d.log_dir, help="TensorBoard root (default %(default)s)")
-    g.add_argument("--checkpoint", help="checkpoint path (default checkpoints/<name>.pt)")
+    g.add_argument("--log-dir", default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "
+                   "TensorBoard logs and, by default, the checkpoint (default %(default)s)")
+    g.add_argument("--checkpoint", help="checkpoint path (default LOG_DIR/<name>/checkpoint.pt)")
     g.add_argument("--init-from", help="start from the best weights of another checkpoint (e.g. a shorter-truncation stage)")
     g.add_argument("--resume", action="store_true", help="continue the run stored in the checkpoint")
-    g.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N meta-steps of this invocation")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after N meta-steps of this invocation")
+    g.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, "
+                   "a plain line every 30 s otherwise)")
+    add_threads(ap)
     g = ap.add_argument_group("several processes (under torchrun)")
     g.add_argument("--dist-backend", help="gloo or nccl (default: gloo on CPU, nccl on CUDA)")
     g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
@@ -106,7 +109,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = {k: v for k, v in vars(args).items() if k not in ("resume", "stop_after", "no_progress")}
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("resume", "stop_after", "no_progress", "preset", "threads")}
+    for key, value in PRESETS[args.preset].items():
+        if fields.get(key) is None:
+            fields[key] = value
     if fields.get("clip") == 0:
         fields["clip"] = None
     return TrainConfig(**fields)
@@ -114,22 +121,30 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    set_threads(args.threads)  # under torchrun each rank then takes cores / ranks (L2O_THREADS overrides)
     from l2o.distributed import PeerLost, env_rank
-    from l2o.train import fit
+    from l2o.train import AllSkipped, fit
 
     main_rank = env_rank() == 0  # under torchrun every rank fails alike; rank 0 alone says so
     try:
         cfg = config_from_args(args)
+        if args.resume and args.meta_steps is None and os.path.isfile(cfg.checkpoint_path):
+            # a resumed run keeps its own length (a --preset paper run is not cut to the quick preset's)
+            cfg.meta_steps = load_checkpoint(cfg.checkpoint_path)["config"].get("meta_steps", cfg.meta_steps)
         trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
-        if main_rank:
-            print(f"meta_train.py: error: {exc}", file=sys.stderr)
-        return 2
+        if not main_rank:
+            return 2
+        fail(PROG, str(exc))
     except PeerLost as exc:  # another process died or went silent; the checkpoint is intact
-        print(f"meta_train.py: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except AllSkipped as exc:
+        if main_rank:
+            print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        print(f"meta_train.py: {exc or 'interrupted'}", file=sys.stderr)
+        print(f"\n{PROG}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     if not main_rank:
         return 0
@@ -142,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # during imports or setup, before any step
+        print(f"\n{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
+        code = 130
+    except SystemExit as exc:  # argparse and fail(): exit 2 after one line
+        code = exc.code if isinstance(exc.code, int) else 1
     if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
         sys.stdout.flush()
         sys.stderr.flush()

@@ -17,30 +17,28 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from l2o import cli as l2o_cli
+from l2o.cli import Parser, finite_float  # noqa: F401 - the scripts' flag types come from here
 from l2o.tasks import DataNotFoundError
 from l2o.tasks.data import data_root, load
 
 
-class UsageError(ValueError):
+class UsageError(l2o_cli.UsageError):
     """Bad input found after parsing (a size larger than the data, say): one line, exit 2."""
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+positive_int = l2o_cli.positive_int
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
+    value = finite_float(text)
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def fraction(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -56,14 +54,6 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
 def parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The flags every experiment shares: ``--data-dir``, ``--out``, ``--quick``, ``--seed``, ``--threads``."""
     p = Parser(prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,8 +63,7 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
                    help="output folder for tb/, the PNG and results.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny sizes")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads (default: %(default)s; more only helps on an idle machine)")
+    l2o_cli.add_threads(p)
     return p
 
 
@@ -141,7 +130,7 @@ def cli(name: str, build: Callable[[], argparse.ArgumentParser], run: Callable[[
     args = build().parse_args(argv)
     args.argv = argv
     try:
+        l2o_cli.writable_dir(args.out, "--out")  # before any work, not after it
         return run(args)
-    except (UsageError, DataNotFoundError, FileNotFoundError) as exc:
-        print(f"{name}.py: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (l2o_cli.UsageError, DataNotFoundError, FileNotFoundError) as exc:
+        l2o_cli.fail(f"{name}.py", str(exc))

@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = common.parser(NAME, __doc__)
     p.add_argument("--horizons", type=common.int_list, help="comma-separated horizons T (default 100,500,2000)")
     p.add_argument("--num-points", type=common.positive_int, help="random-search points (default 24)")
-    p.add_argument("--lr-range", type=float, nargs=2, default=[0.03, 1.0], metavar=("LO", "HI"),
+    p.add_argument("--lr-range", type=common.positive_float, nargs=2, default=[0.03, 1.0], metavar=("LO", "HI"),
                    help="log-uniform range of lr0 (default: 0.03 1.0)")
     p.add_argument("--decay-max", type=common.positive_float, default=1.5, help="decay ~ U(0, MAX) (default: 1.5)")
-    p.add_argument("--momentum", type=float, default=0.9, help="momentum, fixed (default: 0.9)")
+    p.add_argument("--momentum", type=common.fraction, default=0.9, help="momentum, fixed (default: 0.9)")
     p.add_argument("--T0", type=common.positive_float, default=20.0, help="schedule time scale (default: 20)")
     p.add_argument("--hidden", type=common.positive_int, help="hidden units of the ReLU MLP (default 100)")
     p.add_argument("--batch-size", type=common.positive_int, help="minibatch size (default 128)")
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-iters", type=common.positive_int, help="meta-steps of part (c) (default 30)")
     p.add_argument("--meta-lr", type=common.positive_float, default=0.1,
                    help="Adam step on (log lr0, decay) in parts (c) and (d) (default: 0.1)")
-    p.add_argument("--init", type=float, nargs=2, default=[0.1, 0.5], metavar=("LR0", "DECAY"),
+    p.add_argument("--init", type=common.finite_float, nargs=2, default=[0.1, 0.5], metavar=("LR0", "DECAY"),
                    help="starting point of parts (c) and (d) (default: 0.1 0.5)")
     p.add_argument("--num-meta-steps", type=common.positive_int,
                    help="online updates in part (d); its run lasts NUM x --steps-per-update steps (default 40)")

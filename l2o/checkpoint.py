@@ -12,13 +12,16 @@ The file is a plain dict of tensors and Python primitives, loadable with
     rng                        RNG states needed to continue exactly
     extra                      anything else the trainer keeps (counters, ...)
 
-Writes are atomic (temporary file in the same folder, fsync, ``os.replace``), so a kill
-during a save never loses the previous checkpoint.
+Writes are atomic (temporary file ``.<name>.tmp-*`` in the same folder, fsync,
+``os.replace``), so a kill during a save never loses the previous checkpoint; the next
+save of the same target removes temporaries that such a kill left behind.
 """
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from .optim import DifferentiableOptimizer, from_config
 
 FORMAT, VERSION = "l2o-checkpoint", 1
+WHICH = ("best", "current")
 
 
 class CheckpointError(ValueError):
@@ -37,7 +41,9 @@ def save(path: str, payload: dict[str, Any]) -> None:
     payload = {"format": FORMAT, "version": VERSION, **payload}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_stale(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     try:
@@ -51,6 +57,16 @@ def save(path: str, payload: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale(folder: str, prefix: str) -> None:
+    """Delete temporaries of this target left by a killed save (and old-style ``.tmp-*.pt`` over an hour old)."""
+    old = [p for p in glob.glob(os.path.join(folder, ".tmp-*.pt")) if time.time() - os.path.getmtime(p) > 3600]
+    for stale in glob.glob(os.path.join(folder, glob.escape(prefix) + "*.pt")) + old:
+        try:
+            os.unlink(stale)
+        except OSError:  # gone already, or not ours to delete: the save itself does not depend on it
+            pass
 
 
 def load(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -75,7 +91,15 @@ def optimizer_payload(opt: DifferentiableOptimizer) -> dict[str, Any]:
 
 
 def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> DifferentiableOptimizer:
-    """Rebuild the optimizer stored in a loaded checkpoint (``best`` by validation if kept, else current)."""
+    """Rebuild the optimizer stored in a loaded checkpoint.
+
+    Args:
+        ckpt: a dict from :func:`load`.
+        which: ``"best"`` (by validation, if the run kept one; else the current weights) or
+            ``"current"`` (the latest weights).
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
     try:
         opt = from_config(ckpt["optimizer"]["config"])
         state = ckpt["optimizer"]["state_dict"]
@@ -88,5 +112,7 @@ def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> Differentiable
 
 
 def load_optimizer(path: str, map_location: str | torch.device = "cpu", which: str = "best") -> DifferentiableOptimizer:
-    """Rebuild the saved optimizer from the file alone (the best one by validation, if kept)."""
+    """Rebuild the saved optimizer from the file alone (``which``: see :func:`build_optimizer`)."""
+    if which not in WHICH:  # before reading the file: a typo must not cost a load
+        raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
     return build_optimizer(load(path, map_location), which)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,10 @@ from .tasks import check as check_task, options as task_option_names
 
 METHODS = tuple(ESTIMATORS)
 OBJECTIVES = ("sum_train", "final_train", "final_test", "normalised")
+# Presets of meta_train.py (explicit flags override them). "quick" is the README's main job:
+# within ~10 minutes on 2 CPU cores the LSTM's validation loss is below tuned Adam's
+# (benchmarks/RESULTS.md); "paper" is the full recipe (stage 1 of the shipped LSTM).
+PRESETS: dict[str, dict[str, Any]] = {"quick": {"meta_steps": 60}, "paper": {"meta_steps": 200}}
 SHORT = {"mnist_mlp": "mnist", "fashion_mnist_mlp": "fashion_mnist", "cifar10_conv": "cifar10", "quadratic": "quadratic"}
 
 
@@ -201,8 +206,14 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         return f"{self.optimizer}_{what}"
 
     @property
+    def run_dir(self) -> str:
+        """``<log_dir>/<run name>``: the run's TensorBoard logs and, by default, its checkpoint."""
+        return os.path.join(self.log_dir, self.run_name)
+
+    @property
     def checkpoint_path(self) -> str:
-        return self.checkpoint or f"checkpoints/{self.run_name}.pt"
+        # user runs live under runs/<name>/, never in checkpoints/ (shipped, read-only files)
+        return self.checkpoint or os.path.join(self.run_dir, "checkpoint.pt")
 
     def validate(self) -> "TrainConfig":
         self.validate_task()
@@ -210,12 +221,42 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         self.validate_estimator()
         self.validate_outer()
         self.validate_logging()
+        self._validate_floats(need)
+        need(self.method != "truncated" or self.truncation <= self.horizon,
+             f"--truncation {self.truncation} is longer than --horizon {self.horizon}; pass --truncation <= horizon "
+             f"(--truncation {self.horizon} backpropagates through the whole unroll)")
+        need(self.online is None or self.online <= self.horizon,
+             f"--online {self.online} is longer than --horizon {self.horizon}")
+        self._validate_device(need)
         need(not (self.per_parameter and self.meta_batch > 1), "--per-parameter weight decay needs --meta-batch 1")
         return self
 
     def concern(self, cls: type) -> Any:
         """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    FLOATS = ("output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
+
+    def _validate_floats(self, need) -> None:
+        # a nan / inf flag would only surface deep inside a run (or as "done" with every step skipped)
+        for key in self.FLOATS:
+            value = getattr(self, key)
+            need(value is None or (isinstance(value, (int, float)) and math.isfinite(value)),
+                 f"--{key.replace('_', '-')} must be a finite number, got {value!r}")
+        need(self.output_scale > 0, f"--output-scale must be > 0, got {self.output_scale}")
+        need(self.skip_gain > 0, f"--skip-gain must be > 0, got {self.skip_gain}")
+        need(self.lr is None or self.lr > 0, f"--lr must be > 0, got {self.lr}")
+
+    def _validate_device(self, need) -> None:
+        import torch
+
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            need(False, f"bad --device {self.device!r}; use e.g. cpu or cuda")
+        need(dev.type in ("cpu", "cuda"), f"--device {self.device!r}: l2o runs on cpu or cuda")
+        need(dev.type != "cuda" or torch.cuda.is_available(),
+             f"--device {self.device} asked for, but CUDA is not available here; use --device cpu")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
+
+from .progress import bar
 
 
 class RunLogger:
@@ -27,8 +28,7 @@ class RunLogger:
         self.config = config
         if self.writer is not None and start == 0:
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.items()), 0)
-        self.bar = tqdm(total=total, initial=start, desc="meta-train", unit="step", disable=not progress,
-                        dynamic_ncols=True)
+        self.bar = bar(total, "meta-train", progress, initial=start, unit="step")
         self.postfix: dict[str, str] = {}
 
     def scalar(self, tag: str, value: float, step: int) -> None:

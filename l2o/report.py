@@ -78,10 +78,18 @@ def save_results(path: str, results: dict[str, Any]) -> None:
     """Write ``results`` as strict JSON, atomically (a reader never sees half a file)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(clean({"format": FORMAT, "version": VERSION, **results}), fh, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=".results.json.tmp-", suffix=".json", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are shared like every other output
+        with os.fdopen(fd, "w") as fh:
+            json.dump(clean({"format": FORMAT, "version": VERSION, **results}), fh, indent=1, allow_nan=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def load_results(path: str) -> dict[str, Any]:

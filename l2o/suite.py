@@ -10,6 +10,7 @@ under ``tb/<task>/<optimizer>``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,7 +25,6 @@ from .distributed import LOCAL, Context
 from .evaluate import Rollout, log_grid, rollout, tune_lr
 from .optim import DifferentiableOptimizer
 from .tasks import DataNotFoundError, Task
-from .tasks.data import data_root
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class Entry:
     options: dict = field(default_factory=dict)
     steps: int = 100
     description: str = ""
-    optional: bool = False  # skipped with a note (not an error) when its data is missing
+    optional: bool = False  # skipped with a note (not an error) when its data is not on disk
+    dataset: str | None = None  # what an optional entry needs on disk (it is never downloaded)
 
 
 SUITE: list[Entry] = [
@@ -48,7 +49,8 @@ SUITE: list[Entry] = [
     Entry("mnist_mlp_relu", "mnist_mlp", {"activation": "relu"}, 100, "MNIST, MLP 1x20 ReLU"),
     Entry("fashion_mnist_mlp", "fashion_mnist_mlp", {}, 100, "Fashion-MNIST, MLP 1x20 sigmoid"),
     Entry("quadratic", "quadratic", {"dim": 10}, 100, "10-d quadratics ||Wx - y||^2, fresh W, y per seed"),
-    Entry("cifar10_conv", "cifar10_conv", {}, 100, "CIFAR-10, 3 conv layers + 32 hidden", optional=True),
+    Entry("cifar10_conv", "cifar10_conv", {}, 100, "CIFAR-10, 3 conv layers + 32 hidden", optional=True,
+          dataset="cifar10"),
 ]
 ENTRIES = {e.name: e for e in SUITE}
 
@@ -87,11 +89,19 @@ def build_tasks(entries: Sequence[Entry], data_dir: str | None = None, device: s
                 log: Callable[[str], None] = print) -> list[tuple[Entry, Task]]:
     """Build (and load the data of) every entry before any work starts.
 
-    An entry marked ``optional`` whose data is missing is skipped with a one-line note
-    through ``log``; any other failure raises (DataNotFoundError, ValueError).
+    An entry marked ``optional`` whose data is not on disk is skipped with a one-line note
+    through ``log`` (it is not downloaded: CIFAR-10 is 170 MB, and its first evaluation
+    would add the tuning of four baselines); any other failure raises
+    (DataNotFoundError, ValueError).
     """
+    from .tasks.data import on_disk
+
     built = []
     for e in entries:
+        if e.optional and e.dataset and not on_disk(e.dataset, data_dir):
+            log(f"note: skipping {e.name}: its data is not under the data root (it is not downloaded for you; "
+                f"put it there or pass --data-dir)")
+            continue
         opts = dict(e.options, device=device)
         if "data_dir" in tasks.options(e.task):
             opts["data_dir"] = data_dir
@@ -117,6 +127,8 @@ def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu")
     for path in paths:
         opt = checkpoint.build_optimizer(checkpoint.load(path, map_location=device), which).to(device)
         stem = os.path.splitext(os.path.basename(path))[0]
+        if stem == "checkpoint":  # meta_train.py's runs/<name>/checkpoint.pt: the run's name says more
+            stem = os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
         name, i = stem, 1
         while name in out or name in BASELINES:
             name, i = f"{stem}_{i}", i + 1
@@ -124,15 +136,25 @@ def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu")
     return out
 
 
+SHIPPED_TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_lrs.json")
+
+
 class TuningCache:
     """Tuned learning rates in one JSON file, keyed by everything that determines them.
 
+    A lookup reads the user's file first, then the read-only file shipped with l2o
+    (``l2o/tuned_lrs.json``: the default suite tuned on the real datasets), so a first
+    evaluation of the default suite needs no tuning. New results go to the user's file only.
+
     Args:
-        folder: where ``tuning.json`` lives; None disables caching.
+        folder: where the user's ``tuning.json`` lives; None: keep no cache of one's own.
+        shipped: the read-only fallback file (None: none).
+        read: False ignores every cached value (``--retune``) but still writes new ones.
     """
 
-    def __init__(self, folder: str | None) -> None:
+    def __init__(self, folder: str | None, shipped: str | None = SHIPPED_TUNING, read: bool = True) -> None:
         self.path = None if folder is None else os.path.join(os.path.expanduser(folder), "tuning.json")
+        self.shipped, self.read = shipped, read
 
     @staticmethod
     def default_folder() -> str:
@@ -144,16 +166,25 @@ class TuningCache:
     def key(**fields: Any) -> str:
         return json.dumps(report.clean(fields), sort_keys=True)
 
-    def _read(self) -> dict:
+    @staticmethod
+    def _read_file(path: str | None) -> dict:
+        if path is None:
+            return {}
         try:
-            with open(self.path) as fh:  # type: ignore[arg-type]
+            with open(path) as fh:
                 data = json.load(fh)
             return data if isinstance(data, dict) else {}
         except (OSError, ValueError):  # absent or damaged: start afresh (it is only a cache)
             return {}
 
+    def _read(self) -> dict:
+        return self._read_file(self.path)
+
     def get(self, key: str) -> dict | None:
-        return None if self.path is None else self._read().get(key)
+        if not self.read:
+            return None
+        hit = self._read().get(key)
+        return hit if hit is not None else self._read_file(self.shipped).get(key)
 
     def put(self, key: str, value: dict) -> None:
         if self.path is None:
@@ -162,9 +193,29 @@ class TuningCache:
         data[key] = report.clean(value)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(self.path))
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1)
-        os.replace(tmp, self.path)
+        try:
+            os.chmod(tmp, 0o644)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+
+def data_fingerprint(task: Task) -> dict | None:
+    """What identifies a task's data without naming where it lives: split sizes and a label digest.
+
+    The cache key uses this rather than the data folder's path, so tuned rates computed on
+    one machine serve every copy of the same dataset (and never a different or tiny one).
+    """
+    splits = getattr(task, "_splits", None)
+    if not splits:
+        return None
+    train = splits["train"]
+    digest = hashlib.sha1(train.y[:4096].cpu().numpy().tobytes()).hexdigest()[:16]
+    return {"train": len(train), "test": len(splits["test"]), "labels": digest}
 
 
 def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[float], seeds: Sequence[int],
@@ -179,9 +230,9 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
         ``{"lr", "scores": [[lr, mean final loss], ...], "at_edge", "cached"}``;
         ``at_edge`` is true when the best rate is still the smallest or largest tried.
     """
-    data = os.path.abspath(data_root(task.data_dir)) if hasattr(task, "data_dir") else None
-    key = cache.key(v=1, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
-                    seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()), data=data)
+    key = cache.key(v=2, task=entry_task, options=task.config(), steps=steps, grid=[float(g) for g in grid],
+                    seeds=list(seeds), optimizer=name, dtype=str(torch.get_default_dtype()),
+                    data=data_fingerprint(task))
     hit = ctx.decide(lambda: cache.get(key))
     if hit is not None:
         return {**hit, "cached": True}
@@ -197,10 +248,10 @@ def tune(task: Task, entry_task: str, name: str, steps: int, grid: Sequence[floa
 
 
 def _bar(total: int, desc: str, enabled: bool, leave: bool = True):
-    """A tqdm bar on stderr, shown only on a terminal (and when ``enabled``)."""
-    from tqdm import tqdm
+    """A tqdm bar on a terminal, plain periodic lines otherwise (:func:`l2o.progress.bar`); none if not ``enabled``."""
+    from .progress import bar
 
-    return tqdm(total=total, desc=desc, leave=leave, disable=None if enabled else True, dynamic_ncols=True)
+    return bar(total, desc, enabled, leave=leave)
 
 
 def run(built: Sequence[tuple[Entry, Task]], learned: Learned, out: str, *,

@@ -333,6 +333,18 @@ class MetaTrainer:
         torch.set_rng_state(ckpt["rng"]["torch"])
 
 
+class AllSkipped(RuntimeError):
+    """Every meta-step of a call to :func:`fit` was skipped (non-finite loss or meta-gradient)."""
+
+
+def _check_outputs(cfg: TrainConfig) -> None:
+    """Refuse an output path that cannot be written, before any data is loaded or step run."""
+    from .cli import writable_dir, writable_file
+
+    writable_dir(cfg.run_dir, "--log-dir")
+    writable_file(cfg.checkpoint_path, "--checkpoint")
+
+
 def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
         tensorboard: bool = True) -> MetaTrainer:
     """Meta-train as configured; checkpoint every ``save_every`` meta-steps and at the end.
@@ -341,11 +353,17 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         cfg: the run's configuration.
         resume: continue from ``cfg.checkpoint_path`` (which must exist and agree with ``cfg``);
             without it an existing checkpoint is never overwritten.
-        stop_after: stop (with a checkpoint) after this many meta-steps of this call.
+        stop_after: stop (with a checkpoint) after this many (>= 1) meta-steps of this call.
+
+    Raises:
+        UsageError: bad configuration or paths (found before any work).
+        KeyboardInterrupt: with a message that says what the checkpoint holds, if any.
+        AllSkipped: every meta-step of this call had a non-finite loss or meta-gradient.
     """
     import dataclasses
 
     # [distributed] join torchrun's group (none without torchrun); rank 0 reads the disk, decides for all
+    cfg.validate()  # before joining a group: every rank refuses the same flags alike
     ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout)
     try:
         ctx.shard(cfg.meta_batch)  # a world size that does not divide the meta-batch is a usage error
@@ -364,14 +382,23 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
 
     from .logging import RunLogger
 
-    trainer = MetaTrainer(cfg)
-    trainer.dist = ctx
+    if stop_after is not None and stop_after < 1:
+        raise UsageError(f"--stop-after must be a positive integer, got {stop_after}")
     path = cfg.checkpoint_path
-    if resume:
-        trainer.restore(ctx.decide(lambda: ckpt_io.load(path, "cpu" if ctx.active else cfg.device)))
-    elif ctx.decide(lambda: os.path.exists(path)):
+    # [distributed] rank 0 reads the disk and decides for all ranks
+    if ctx.decide(lambda: os.path.isdir(path)):
+        raise UsageError(f"--checkpoint {path!r} is a folder; give a file path such as runs/NAME/checkpoint.pt")
+    exists = ctx.decide(lambda: os.path.exists(path))
+    if not resume and exists:
         raise UsageError(f"checkpoint {path!r} exists; pass --resume to continue it, or --name / --checkpoint "
                          f"for a new run (nothing was overwritten)")
+    if resume and not exists:
+        raise UsageError(f"--resume: no checkpoint at {path!r}; start the run without --resume")
+    ctx.decide(lambda: _check_outputs(cfg))
+    trainer = MetaTrainer(cfg)
+    trainer.dist = ctx
+    if resume:
+        trainer.restore(ctx.decide(lambda: ckpt_io.load(path, "cpu" if ctx.active else cfg.device)))
     elif cfg.init_from:  # a curriculum stage: start from another run's best weights
         src = ctx.decide(lambda: ckpt_io.load_optimizer(cfg.init_from, "cpu" if ctx.active else cfg.device))
         if src.config() != trainer.opt.config():
@@ -381,13 +408,21 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
         raise UsageError(f"the checkpoint has already run {trainer.meta_step} of {cfg.meta_steps} meta-steps; "
                          f"raise --meta-steps to train longer")
     run_config = {**cfg.to_dict(), "world_size": ctx.world_size, "dist_backend": ctx.backend}  # [distributed]
-    log = RunLogger(os.path.join(cfg.log_dir, cfg.run_name), run_config, trainer.meta_step, cfg.meta_steps,
+    log = RunLogger(cfg.run_dir, run_config, trainer.meta_step, cfg.meta_steps,
                     enabled=tensorboard, progress=progress)
     trainer.tune_adam()
     log.postfix["adam"] = f"{trainer.extra['adam_val']:.4g}"
     end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, trainer.meta_step + stop_after)
     few = sum(p.numel() for p in trainer.meta_params.values()) <= 64  # log hyperparameters one by one
-    last_saved = trainer.meta_step
+    first, saved = trainer.meta_step, (trainer.meta_step if resume else None)
+    skipped_before = trainer.extra["skipped"]
+
+    def held() -> str:
+        if saved is None:
+            return (f"nothing was saved (the first checkpoint comes after {min(cfg.save_every, end) - first} "
+                    f"meta-steps: --save-every); rerun to start again")
+        return f"the checkpoint {path!r} holds meta-step {saved}: continue with --resume"
+
     try:
         while trainer.meta_step < end:
             t0 = time.perf_counter()
@@ -402,6 +437,7 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                 for name, value in trainer.opt.hparams().items():
                     log.scalar(f"hparams/{name}", value, step)
                 for name, g in getattr(trainer, "last_grads", {}).items():
+                    g = g.detach()
                     log.scalar(f"hypergrad/{name}", float(g.norm()) if g.numel() > 1 else float(g), step)
             postfix = {"loss": fig["meta_loss"]}
             if step % cfg.val_every == 0 or step == cfg.meta_steps:
@@ -415,16 +451,18 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                 postfix.update(val=val, best=trainer.best["val_loss"] if trainer.best else None)
             if step % cfg.save_every == 0 or step == end:
                 trainer.save()
-                last_saved = step
+                saved = step
             log.step(**postfix)
     except KeyboardInterrupt:
         log.close()
-        raise KeyboardInterrupt(f"interrupted at meta-step {trainer.meta_step}; the checkpoint {path!r} holds "
-                                f"meta-step {last_saved}: continue with --resume") from None
+        raise KeyboardInterrupt(f"interrupted at meta-step {trainer.meta_step}; {held()}") from None
     except distributed.PeerLost as exc:  # [distributed] a peer died or went silent: say where to resume
         log.close()
-        raise distributed.PeerLost(f"{exc}; the checkpoint {path!r} holds meta-step {last_saved}: "
-                                   f"continue with --resume") from None
+        raise distributed.PeerLost(f"{exc}; {held()}") from None
     best = trainer.best["val_loss"] if trainer.best else math.nan
     log.close({"best_val": best, "adam_val": trainer.extra["adam_val"], "skipped": trainer.extra["skipped"]})
+    ran, skipped = trainer.meta_step - first, trainer.extra["skipped"] - skipped_before
+    if ran > 0 and skipped == ran:
+        raise AllSkipped(f"all {ran} meta-steps were skipped (non-finite loss or meta-gradient), the optimizer "
+                         f"did not change; check the initial values and --outer-lr (checkpoint {path!r})")
     return trainer

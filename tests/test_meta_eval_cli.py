@@ -50,14 +50,15 @@ def load_cli(monkeypatch, tmp_path):
     spec = importlib.util.spec_from_file_location("meta_eval_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setattr(module, "DEFAULT_CHECKPOINT", str(tmp_path / "checkpoints" / "lstm_mnist.pt"))
+    monkeypatch.setattr(module, "SHIPPED_CHECKPOINT", str(tmp_path / "checkpoints" / "lstm_mnist.pt"))
+    monkeypatch.chdir(tmp_path)  # default outputs (runs/...) land in the test's folder
     monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main() must not change this process's threads
     return module
 
 
 def test_no_arguments_without_shipped_checkpoint_exits_2(cli):
-    assert_one_line_error(cli(), "checkpoints/lstm_mnist.pt does not exist", "--checkpoint")
+    assert_one_line_error(cli(), "no optimizer to evaluate", "checkpoints/lstm_mnist.pt", "--checkpoint")
 
 
 def test_help_lists_the_suite(monkeypatch, tmp_path, capsys):
@@ -69,7 +70,7 @@ def test_help_lists_the_suite(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    ((), ("checkpoints/lstm_mnist.pt does not exist", "--checkpoint")),
+    ((), ("no optimizer to evaluate", "--checkpoint")),
     (("--checkpoint", "{tmp}/missing.pt"), ("missing.pt' does not exist",)),
     (("--checkpoint", "{tmp}/garbage.pt"), ("unreadable",)),
     (("--baselines-only", "--tasks", "mnist_mlp,nope"), ("unknown task 'nope'", "quadratic")),

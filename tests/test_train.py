@@ -11,7 +11,7 @@ import torch
 import l2o
 from l2o import checkpoint as ckpt_io
 from l2o.config import TrainConfig, UsageError
-from l2o.train import MetaTrainer, fit
+from l2o.train import AllSkipped, MetaTrainer, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,9 +76,12 @@ def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_nonfinite_meta_step_is_skipped(tmp_path):
     cfg = small(tmp_path, optimizer="sgd", learn=["lr"], lr=1e40, method="reverse", meta_steps=2, val_every=2)
-    trainer = fit(cfg, progress=False)
-    assert trainer.extra["skipped"] == 2
-    assert torch.isfinite(trainer.opt.log_lr.detach()) and float(trainer.opt.hparam("lr").detach()) == pytest.approx(1e40)
+    with pytest.raises(AllSkipped, match="all 2 meta-steps were skipped"):  # reported, not "done"
+        fit(cfg, progress=False)
+    ckpt = ckpt_io.load(cfg.checkpoint_path)
+    assert ckpt["extra"]["skipped"] == 2 and ckpt["meta_step"] == 2
+    opt = ckpt_io.build_optimizer(ckpt, "current")
+    assert torch.isfinite(opt.log_lr.detach()) and float(opt.hparam("lr").detach()) == pytest.approx(1e40)
 
 
 def test_hyperparameter_methods_agree(tmp_path):
@@ -90,7 +93,7 @@ def test_hyperparameter_methods_agree(tmp_path):
                     outer_lr=1e-4, lr_schedule="constant")
         trainer = MetaTrainer(cfg)
         trainer.meta_step_once()
-        moved[method] = (float(trainer.opt.log_lr), float(trainer.opt.logit_momentum))
+        moved[method] = (float(trainer.opt.log_lr.detach()), float(trainer.opt.logit_momentum.detach()))
     assert moved["forward"] == pytest.approx(moved["reverse"], rel=1e-9, abs=1e-12)
     assert moved["reverse"][0] != pytest.approx(torch.log(torch.tensor(0.01)).item(), abs=1e-9)
 

@@ -46,10 +46,38 @@ def data_root(data_dir: str | None = None) -> str:
     return os.path.expanduser(data_dir or os.environ.get("L2O_DATA_DIR") or "./data")
 
 
+IDX_FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def check_idx(path: str) -> None:
+    """Raise :class:`DataNotFoundError` naming ``path`` if this IDX file is shorter or longer than its header says.
+
+    torchvision reports a truncated file as missing (and then tries to download it);
+    a user needs to hear which file is damaged instead.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+        ndim = head[3] if len(head) == 4 else 0
+        dims = fh.read(4 * ndim)
+    if len(head) < 4 or head[:2] != b"\0\0" or ndim == 0 or len(dims) < 4 * ndim:
+        raise DataNotFoundError(f"{path!r} is not an IDX file ({size} bytes, no valid header); "
+                                f"replace it with the original dataset file")
+    expected = 4 + 4 * ndim + int(np.prod(np.frombuffer(dims, dtype=">u4").astype(np.int64)))
+    if size != expected:
+        raise DataNotFoundError(f"{path!r} is {'truncated' if size < expected else 'corrupt'} ({size} bytes, its "
+                                f"header says {expected}); replace it with the original dataset file")
+
+
 def _torchvision_idx(kind: str, root: str, train: bool):
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST}[kind]
+    for name in IDX_FILES[train]:
+        path = os.path.join(root, cls.__name__, "raw", name)
+        if os.path.isfile(path):
+            check_idx(path)
     try:
         return cls(root=root, train=train, download=False)
     except RuntimeError:
@@ -63,6 +91,15 @@ def _torchvision_idx(kind: str, root: str, train: bool):
             f"put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
             f"t10k-labels-idx1-ubyte in {folder} or pass --data-dir / set L2O_DATA_DIR"
         ) from None
+
+
+def on_disk(name: str, data_dir: str | None = None) -> bool:
+    """Whether dataset ``name`` is already under the data root (no download is tried)."""
+    root = data_root(data_dir)
+    if name == "cifar10":
+        return cifar10_folder(root) is not None
+    folder = os.path.join(root, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name], "raw")
+    return all(os.path.isfile(os.path.join(folder, f)) for files in IDX_FILES.values() for f in files)
 
 
 def cifar10_folder(root: str) -> str | None:

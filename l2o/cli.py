@@ -1,0 +1,116 @@
+"""What every command-line entry point shares: one error style, flag types, threads, output checks.
+
+Bad input is reported as ONE line ``prog: error: <what and what to do>`` on stderr with
+exit status 2 and no traceback, whether argparse or a later check finds it, and before
+any work starts. :class:`Parser` is an ``ArgumentParser`` that does this for argparse's
+own errors; :func:`fail` does it for everything else.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from typing import Callable, NoReturn
+
+from .config import UsageError  # noqa: F401 - the one bad-input exception, re-exported
+
+# One torch thread by default. Measured on 2 cores (benchmarks/RESULTS.md, "Threads"):
+# 2 threads are ~1.2x faster on a quiet machine but ~8x slower when another process holds
+# one core, since every small op then waits for the descheduled thread; 1 thread cannot
+# collapse that way.
+DEFAULT_THREADS = 1
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line ``prog: error: ...`` (no usage block), exit 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        fail(self.prog, f"{message} (see --help)")
+
+
+def fail(prog: str, message: str) -> NoReturn:
+    """Print ``prog: error: message`` (first line only) on stderr and exit with status 2."""
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "bad input"
+    print(f"{prog}: error: {first}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite float (no nan / inf: they would only surface deep inside a run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def csv_list(kind: Callable) -> Callable[[str], list]:
+    """argparse type: a non-empty comma-separated list of ``kind``."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a non-empty comma-separated list, got {text!r}")
+        return values
+    parse.__name__ = f"{kind.__name__}_list"
+    return parse
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """The ``--threads`` flag every entry point has."""
+    p.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
+                   help=f"torch CPU threads (default {DEFAULT_THREADS}: these small models gain ~1.2x from a "
+                        f"second thread on an idle machine but run ~8x slower with it when another process "
+                        f"holds a core)")
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def writable_dir(path: str, flag: str) -> str:
+    """Create folder ``path`` if needed and prove it writable, else raise :class:`UsageError`."""
+    probe_path = os.path.abspath(path)
+    while not os.path.exists(probe_path) and os.path.dirname(probe_path) != probe_path:
+        probe_path = os.path.dirname(probe_path)  # the nearest part of the path that exists
+    if not os.path.isdir(probe_path):
+        shown = repr(path) if probe_path == os.path.abspath(path) else f"{path!r}: {probe_path!r}"
+        raise UsageError(f"{flag} {shown} is a file, not a folder; give a folder path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{flag} {path!r} is not writable ({exc.strerror or type(exc).__name__}); "
+                         f"choose another folder") from None
+    return path
+
+
+def writable_file(path: str, flag: str) -> str:
+    """Check that file ``path`` can be (re)written: not a folder, its folder writable."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path such as runs/NAME/checkpoint.pt")
+    writable_dir(os.path.dirname(os.path.abspath(path)), f"the folder of {flag}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path!r} is read-only; choose another path")
+    return path
