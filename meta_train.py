@@ -26,7 +26,7 @@ import os
 import sys
 
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
-from l2o.cli import Parser, add_threads, csv_list, fail, finite_float, positive_int, set_threads
+from l2o.cli import Parser, add_threads, csv_list, finite_float, positive_int, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.optim import NAMES as OPTIMIZERS
 from l2o.tasks import FAMILIES, TASKS, DataNotFoundError
@@ -133,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.meta_steps = load_checkpoint(cfg.checkpoint_path)["config"].get("meta_steps", cfg.meta_steps)
         trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
-        if not main_rank:
-            return 2
-        fail(PROG, str(exc))
+        if main_rank:  # one line, exit 2 (returned, so main(argv) can be called in-process)
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad input"
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
     except PeerLost as exc:  # another process died or went silent; the checkpoint is intact
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

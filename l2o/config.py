@@ -108,6 +108,10 @@ class OptimizerConfig:
     def validate_optimizer(self) -> None:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         positive_ints(self, "lstm_hidden", "lstm_layers")
+        if self.optimizer == "lstm":  # refused before any data is read
+            need(self.learn is None or list(self.learn) == ["weight_decay"],
+                 f"--learn {','.join(self.learn or [])}: the LSTM learns all its weights (--learn selects hyperparameters "
+                 f"of a hand-designed optimizer; with the LSTM only --learn weight_decay, which keeps its weights fixed)")
         if self.learn and "weight_decay" in self.learn and self.weight_decay is None:
             self.weight_decay = 1e-4
 

@@ -57,7 +57,7 @@ CASES = [
     (T, ["--method", "nope"], "unknown method 'nope'"),
     (T, ["--objective", "nope"], "unknown objective 'nope'"),
     (T, ["--learn", "lr"], "the LSTM learns all its weights"),
-    (T, ["--method", "forward"], "--method truncated or reverse"),
+    (T, ["--task", "quadratic", "--method", "forward"], "methods that can: truncated, reverse, pes, es"),
     (T, ["--optimizer", "sgd", "--learn", "lr", "--method", "implicit"], "--learn weight_decay"),
     (T, ["--optimizer", "sgd", "--learn", "weight_decay", "--per-parameter", "--meta-batch", "2"], "--meta-batch 1"),
     (T, [*QUAD, "--hidden", "20"], "does not apply"),
