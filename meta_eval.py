@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from l2o.cli import Parser, add_threads, fail as _fail, positive_int as positive, set_threads
+from l2o.cli import Parser, add_threads, run, fail as _fail, positive_int as positive, set_threads
 
 PROG = "meta_eval.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -249,15 +249,4 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except KeyboardInterrupt:  # during imports or setup
-        print(f"\n{PROG}: interrupted", file=sys.stderr)
-        code = 130
-    except SystemExit as exc:  # argparse and fail(): exit 2 after one line
-        code = exc.code if isinstance(exc.code, int) else 1
-    if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    run(main, PROG, 'interrupted')

@@ -26,7 +26,7 @@ import os
 import sys
 
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
-from l2o.cli import Parser, add_threads, csv_list, finite_float, positive_int, set_threads
+from l2o.cli import Parser, add_threads, run, csv_list, finite_float, positive_int, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.optim import NAMES as OPTIMIZERS
 from l2o.tasks import FAMILIES, TASKS, DataNotFoundError
@@ -158,15 +158,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    except KeyboardInterrupt:  # during imports or setup, before any step
-        print(f"\n{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
-        code = 130
-    except SystemExit as exc:  # argparse and fail(): exit 2 after one line
-        code = exc.code if isinstance(exc.code, int) else 1
-    if "RANK" in os.environ:  # under torchrun: leave at once, before the launcher stops a slow shutdown with SIGTERM
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    run(main, PROG, 'interrupted before training started; nothing was written')

@@ -114,3 +114,24 @@ def writable_file(path: str, flag: str) -> str:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UsageError(f"{flag} {path!r} is read-only; choose another path")
     return path
+
+
+def run(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> NoReturn:
+    """Run a script's ``main()`` and exit with its status, the same way for every entry point.
+
+    Ctrl-C during imports or setup prints ``prog: <interrupted>`` and exits 130. Under
+    torchrun the process leaves with ``os._exit`` once its output is flushed, before the
+    launcher can stop a slow interpreter shutdown with SIGTERM.
+    """
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: {interrupted}", file=sys.stderr)
+        code = 130
+    except SystemExit as exc:  # argparse and fail(): exit 2 after one line
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if "RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
