@@ -67,7 +67,7 @@ def launch_eval(workers: int, args: argparse.Namespace, out: str) -> tuple[float
     """Wall time of the command, and the suite's own run time (start-up and data loading left out)."""
     cmd = [sys.executable, os.path.join(ROOT, "meta_eval.py"), "--baselines-only", "--no-cache", "--no-progress",
            "--tasks", args.eval_tasks, "--seeds", str(args.eval_seeds), "--tuning-seeds", str(args.tuning_seeds),
-           "--data-dir", args.data_dir, "--out", out, "--workers", str(workers)]
+           "--data-dir", args.data_dir, "--out", out, "--overwrite", "--workers", str(workers)]
     t0 = time.perf_counter()
     subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
