@@ -100,7 +100,7 @@ def test_resume_with_more_processes_and_exactly_with_the_same(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--meta-batch", "3"], "not a multiple of the 2 processes"),
     (["--dist-backend", "nccl"], "needs CUDA"),
-    (["--resume"], "does not exist"),
+    (["--resume"], "no checkpoint at"),
 ])
 def test_bad_input_one_line_from_rank_0_exit_2_everywhere(tmp_path, args, needle):
     r = torchrun(tmp_path, "--meta-steps", "2", *args)
