@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Batch, ModuleTask, _check_split, cross_entropy
+from .base import Batch, DatasetTask, cross_entropy
 from .data import ArrayDataset
 
 Data = Any  # Dataset | TensorDataset | tuple[Tensor, Tensor]
@@ -55,7 +55,7 @@ def _as_tensors(data: Data, what: str, dtype: torch.dtype) -> ArrayDataset:
     return ArrayDataset(x.detach().clone(), y.detach().clone())
 
 
-class UserTask(ModuleTask):
+class UserTask(DatasetTask):
     """A task made by :func:`from_module` (see there for the arguments)."""
 
     def __init__(self, build: Callable[[], nn.Module], train_data: Data, test_data: Data | None = None,
@@ -75,15 +75,6 @@ class UserTask(ModuleTask):
         self.classification = not train.y.is_floating_point()
         self.options: dict[str, Any] = {}  # the options it was built with (set by l2o.tasks.get)
         self.to(device)
-
-    def batch(self, split: str, generator: torch.Generator) -> Batch:
-        _check_split(split)
-        return self._splits[split].sample(self.batch_size, generator)
-
-    def full_batch(self, split: str) -> Batch:
-        _check_split(split)
-        ds = self._splits[split]
-        return ds.x, ds.y
 
     def accuracy(self, params, batch: Batch) -> torch.Tensor | None:
         return super().accuracy(params, batch) if self.classification else None
