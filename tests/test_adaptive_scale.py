@@ -116,7 +116,7 @@ def test_config_round_trip_and_torch_optimizer_adapter(tmp_path):
     rebuilt = optim.from_config(fopt.config())
     rebuilt.load_state_dict(fopt.state_dict())
     assert rebuilt.config() == fopt.config() and rebuilt.hparams() == pytest.approx(fopt.hparams())
-    net, data = make_net(), batches(40)
+    net, data = make_net(), batches(15)
     ref_params, ref_losses = functional_run(copy.deepcopy(net), rebuilt, data)
     losses = adapter_run(net, l2o.LearnedOptimizer(net.parameters(), fopt), data)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-9)
