@@ -21,6 +21,7 @@ from l2o.cli import Parser, add_threads, run, fail as _fail, positive_int as pos
 PROG = "meta_eval.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHIPPED_CHECKPOINT = os.path.join(HERE, "checkpoints", "lstm_mnist.pt")
+SHIPPED_GENERALIST = os.path.join(HERE, "checkpoints", "lstm_generalist.pt")
 DEFAULT_RUN = os.path.join("runs", "lstm_mnist", "checkpoint.pt")  # what `python meta_train.py` writes
 DEFAULT_OUT = os.path.join("runs", "eval")
 
@@ -67,7 +68,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", action="append", metavar="PATH",
                    help=f"saved optimizer to evaluate (repeatable): a file written by meta_train.py or a shipped "
                         f"name (lstm_mnist, lstm_cifar10); default {DEFAULT_RUN} (what meta_train.py writes by "
-                        f"default) if it exists, else the shipped checkpoints/lstm_mnist.pt")
+                        f"default) if it exists, else the shipped checkpoints/lstm_mnist.pt; and next to it the shipped "
+                        f"generalist checkpoints/lstm_generalist.pt")
     p.add_argument("--baselines-only", action="store_true", help="evaluate no saved optimizer, only the baselines")
     p.add_argument("--which", choices=("best", "current"), default="best",
                    help="weights to evaluate from each checkpoint: best by validation (default) or the latest")
@@ -180,12 +182,12 @@ def evaluate(args: argparse.Namespace) -> int:
         fail("--checkpoint and --baselines-only exclude each other")
     paths = [] if args.baselines_only else [shipped_name(p) for p in (args.checkpoint or [])]
     if not paths and not args.baselines_only:
-        if os.path.isfile(DEFAULT_RUN):
-            paths = [DEFAULT_RUN]
-        elif os.path.isfile(SHIPPED_CHECKPOINT):
-            paths = [SHIPPED_CHECKPOINT]
-        else:
-            fail(f"no optimizer to evaluate: neither {DEFAULT_RUN} nor checkpoints/lstm_mnist.pt exists; pass "
+        # your run (else the shipped specialist), and the shipped generalist next to it
+        first = DEFAULT_RUN if os.path.isfile(DEFAULT_RUN) else SHIPPED_CHECKPOINT
+        paths = [p for p in (first, SHIPPED_GENERALIST) if os.path.isfile(p)]
+        if not paths:
+            fail(f"no optimizer to evaluate: none of {DEFAULT_RUN}, checkpoints/lstm_generalist.pt, "
+                 f"checkpoints/lstm_mnist.pt exists; pass "
                  f"--checkpoint PATH, train one with meta_train.py, or use --baselines-only")
     if not paths and not args.baselines:
         fail("nothing to evaluate: no checkpoint and no baselines")

@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--decay", type=finite_float, help="initial lr decay exponent (momentum_inv_decay)")
     g.add_argument("--weight-decay", type=finite_float, help="initial weight decay (adds a learnable decay when learned)")
     g.add_argument("--per-parameter", action="store_true", help="one weight decay per weight")
+    g.add_argument("--adaptive-scale", type=finite_float, metavar="BETA",
+                   help="multiply the optimizer's steps by a global scale adapted online by hypergradient descent, "
+                        "log-scale rate BETA (e.g. 0.3; learned with the other meta-parameters)")
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")

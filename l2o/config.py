@@ -104,9 +104,12 @@ class OptimizerConfig:
     decay: float | None = None
     weight_decay: float | None = None
     per_parameter: bool = False              # one weight decay per weight
+    adaptive_scale: float | None = None      # wrap in AdaptiveScale with this initial beta (learned with the rest)
 
     def validate_optimizer(self) -> None:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        need(self.adaptive_scale is None or (math.isfinite(self.adaptive_scale) and self.adaptive_scale > 0),
+             f"--adaptive-scale must be a positive number (the initial adaptation rate, e.g. 0.3), got {self.adaptive_scale}")
         positive_ints(self, "lstm_hidden", "lstm_layers")
         if self.optimizer == "lstm":  # refused before any data is read
             need(self.learn is None or list(self.learn) == ["weight_decay"],
@@ -239,7 +242,7 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
-    FLOATS = ("output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
+    FLOATS = ("adaptive_scale", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
 
     def _validate_floats(self, need) -> None:
         # a nan / inf flag would only surface deep inside a run (or as "done" with every step skipped)

@@ -65,6 +65,8 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
         opt = WeightDecay(base, cfg.weight_decay, shapes=shapes if cfg.per_parameter else None)
     else:
         opt = base
+    if cfg.adaptive_scale is not None:
+        opt = optim.AdaptiveScale(opt, cfg.adaptive_scale)
     opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):
         raise UsageError(f"nothing to learn: --learn {cfg.learn} selects no hyperparameter of {cfg.optimizer}")
@@ -401,9 +403,12 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
         trainer.restore(ctx.decide(lambda: ckpt_io.load(path, "cpu" if ctx.active else cfg.device)))
     elif cfg.init_from:  # a curriculum stage: start from another run's best weights
         src = ctx.decide(lambda: ckpt_io.load_optimizer(cfg.init_from, "cpu" if ctx.active else cfg.device))
-        if src.config() != trainer.opt.config():
+        target = trainer.opt
+        if isinstance(target, optim.AdaptiveScale) and src.config() == target.base.config():
+            target = target.base  # --adaptive-scale around a run's optimizer: start from its weights
+        if src.config() != target.config():
             raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
-        trainer.opt.load_state_dict(src.state_dict())
+        target.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:
         raise UsageError(f"the checkpoint has already run {trainer.meta_step} of {cfg.meta_steps} meta-steps; "
                          f"raise --meta-steps to train longer")

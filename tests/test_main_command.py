@@ -57,8 +57,10 @@ def test_readme_main_command_in_a_fresh_copy(tmp_path, tiny_data, monkeypatch, c
     evaluate = run("meta_eval.py", *EVAL_SIZE)
     assert evaluate.returncode == 0, evaluate.stderr
     results = json.loads((repo / "runs" / "eval" / "results.json").read_text())
-    assert results["config"]["checkpoints"] == {"lstm_mnist": os.path.join("runs", "lstm_mnist", "checkpoint.pt")}
-    assert list(results["tasks"]["mnist_mlp"]["optimizers"]) == ["sgd", "adam", "lstm_mnist"]
+    # your run, and the shipped generalist next to it
+    assert results["config"]["checkpoints"] == {"lstm_mnist": os.path.join("runs", "lstm_mnist", "checkpoint.pt"),
+                                                "lstm_generalist": str(repo / "checkpoints" / "lstm_generalist.pt")}
+    assert list(results["tasks"]["mnist_mlp"]["optimizers"]) == ["sgd", "adam", "lstm_mnist", "lstm_generalist"]
     assert "evaluate: " in evaluate.stderr and "ETA" in evaluate.stderr
     assert oct(os.stat(repo / "runs" / "eval" / "results.json").st_mode & 0o777) == oct(0o666 & ~current_umask())
 

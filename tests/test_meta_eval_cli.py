@@ -51,6 +51,7 @@ def load_cli(monkeypatch, tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "SHIPPED_CHECKPOINT", str(tmp_path / "checkpoints" / "lstm_mnist.pt"))
+    monkeypatch.setattr(module, "SHIPPED_GENERALIST", str(tmp_path / "checkpoints" / "lstm_generalist.pt"))
     monkeypatch.chdir(tmp_path)  # default outputs (runs/...) land in the test's folder
     monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main() must not change this process's threads

@@ -6,9 +6,10 @@ from typing import Any
 from .base import DifferentiableOptimizer, Params, State
 from .handcrafted import SGD, Adam, Momentum, MomentumInvDecay, RMSprop, safe_sqrt
 from .lstm import LSTMOptimizer
+from .adaptive_scale import AdaptiveScale
 from .weight_decay import WeightDecay
 
-CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer, WeightDecay)}
+CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer, WeightDecay, AdaptiveScale)}
 
 # short names used on the command line
 NAMES = {
@@ -42,6 +43,6 @@ def from_config(config: dict[str, Any]) -> DifferentiableOptimizer:
     return cls(**config)
 
 
-__all__ = ["Adam", "CLASSES", "DifferentiableOptimizer", "LSTMOptimizer", "Momentum", "MomentumInvDecay", "NAMES",
+__all__ = ["AdaptiveScale", "Adam", "CLASSES", "DifferentiableOptimizer", "LSTMOptimizer", "Momentum", "MomentumInvDecay", "NAMES",
            "Params", "RMSprop", "SGD", "State", "WeightDecay", "from_config", "make",
            "safe_sqrt"]

@@ -1,0 +1,152 @@
+"""``AdaptiveScale``: the hypergradient-descent rule by hand, meta-gradients, round trips, the CLI."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import l2o
+from l2o import hypergrad, optim
+
+import meta_train
+
+from test_torch_optimizer import adapter_run, batches, functional_run, lstm, make_net
+
+
+def quadratic(n: int = 6, seed: int = 0):
+    """``0.5 (x - x*)^T A (x - x*)`` with eigenvalues 0.5 .. 5: a loss and its exact gradient."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    a = q @ torch.diag(torch.linspace(0.5, 5.0, n)) @ q.T
+    target = torch.randn(n, generator=g)
+
+    def loss(p, h=None, t=0):
+        d = p["x"] - target
+        return 0.5 * d @ a @ d
+
+    return loss, {"x": torch.zeros(n)}, target
+
+
+def reference(base_lr: float, beta: float, steps: int, loss, x0) -> tuple[torch.Tensor, list[float]]:
+    """The rule written out for SGD: s += beta * cos(-g_t, u_{t-1}); u_t = exp(s) * (-lr g_t)."""
+    x, s, u, scales = x0["x"].clone(), 0.0, None, []
+    for _ in range(steps):
+        xg = x.clone().requires_grad_()
+        g = torch.autograd.grad(loss({"x": xg}), xg)[0]
+        if u is not None:
+            s = min(6.0, max(-6.0, s + beta * float(-(g @ u) / (g.norm() * u.norm()))))
+        u = torch.exp(torch.tensor(s)) * (-base_lr * g)
+        x = x + u
+        scales.append(s)
+    return x, scales
+
+
+def run(opt, loss, params, steps):
+    state = opt.init(params)
+    for t in range(steps):
+        p = {k: v.detach().requires_grad_() for k, v in params.items()}
+        grads = dict(zip(p, torch.autograd.grad(loss(p), list(p.values()))))
+        with torch.no_grad():
+            params, state = opt.step({k: v.detach() for k, v in p.items()}, grads, state)
+    return params, state
+
+
+def test_matches_the_rule_written_out():
+    loss, x0, _ = quadratic()
+    opt = optim.AdaptiveScale(optim.SGD(lr=0.01), beta=0.2)
+    params, state = run(opt, loss, x0, 30)
+    ref_x, scales = reference(0.01, 0.2, 30, loss, x0)
+    # (theta - lr g) - theta loses a few bits per step against the reference's -lr g
+    torch.testing.assert_close(params["x"], ref_x, rtol=1e-7, atol=1e-9)
+    assert float(state["s"]) == pytest.approx(scales[-1], abs=1e-7) and abs(scales[-1]) > 0.05
+
+
+def test_first_step_is_the_base_step():
+    loss, x0, _ = quadratic()
+    for base in (optim.SGD(lr=0.05), optim.Adam(lr=0.1), lstm()):
+        mine, _ = run(optim.AdaptiveScale(copy.deepcopy(base), beta=0.5), loss, x0, 1)
+        ref, _ = run(copy.deepcopy(base), loss, x0, 1)
+        torch.testing.assert_close(mine["x"], ref["x"], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("lr, grows", [(1e-3, True), (0.39, False)])
+def test_scale_moves_toward_a_working_step(lr, grows):
+    """Too short steps (SGD 1e-3 on curvature 0.5..5) grow the scale; oscillating ones (lr 0.39 -> 1.95 on the
+    largest eigenvalue) shrink it, and either way the run ends closer to the optimum than the base alone."""
+    loss, x0, target = quadratic()
+    adapted, state = run(optim.AdaptiveScale(optim.SGD(lr=lr), beta=0.3), loss, x0, 60)
+    plain, _ = run(optim.SGD(lr=lr), loss, x0, 60)
+    assert (float(state["s"]) > 1.0) if grows else (float(state["s"]) < -0.1)
+    assert float(loss(adapted)) < 0.5 * float(loss(plain))
+
+
+def test_meta_gradient_matches_finite_differences():
+    loss, x0, _ = quadratic()
+    opt = optim.AdaptiveScale(optim.SGD(lr=0.02), beta=0.3)
+    hp = {"log_beta": opt.log_beta, "log_lr": opt.base.log_lr}
+    grads = hypergrad.reverse(loss, None, x0, hp, opt, 12, meta_weights=[1.0] * 12)
+
+    def objective() -> float:
+        with torch.no_grad():
+            state, p, total = opt.init(x0), dict(x0), 0.0
+            for _ in range(12):
+                q = {"x": p["x"].detach().requires_grad_()}
+                with torch.enable_grad():
+                    g = torch.autograd.grad(loss(q), q["x"])[0]
+                total += float(loss(q))
+                p, state = opt.step({"x": q["x"].detach()}, {"x": g}, state)
+            return total
+
+    eps = 1e-6
+    for name, param in hp.items():
+        with torch.no_grad():
+            param += eps
+            up = objective()
+            param -= 2 * eps
+            down = objective()
+            param += eps
+        assert float(grads[name]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
+
+
+def test_config_round_trip_and_torch_optimizer_adapter(tmp_path):
+    fopt = optim.AdaptiveScale(lstm(), beta=0.4)
+    with torch.no_grad():
+        fopt.log_beta += 0.1
+    rebuilt = optim.from_config(fopt.config())
+    rebuilt.load_state_dict(fopt.state_dict())
+    assert rebuilt.config() == fopt.config() and rebuilt.hparams() == pytest.approx(fopt.hparams())
+    net, data = make_net(), batches(15)
+    ref_params, ref_losses = functional_run(copy.deepcopy(net), rebuilt, data)
+    losses = adapter_run(net, l2o.LearnedOptimizer(net.parameters(), fopt), data)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-9)
+    for k, v in net.named_parameters():
+        torch.testing.assert_close(v.detach(), ref_params[k], rtol=1e-9, atol=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        optim.AdaptiveScale(optim.SGD(lr=0.1), beta=0.0)
+    with pytest.raises(TypeError, match="wraps a DifferentiableOptimizer"):
+        optim.AdaptiveScale("adam")
+    with pytest.raises(ValueError, match="no hyperparameter 'momentum'"):
+        optim.AdaptiveScale(optim.SGD(lr=0.1)).learn(["momentum"])
+
+
+def test_meta_train_wraps_and_starts_from_a_plain_checkpoint(tmp_path, capsys):
+    common = ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps", "2",
+              "--val-every", "2", "--val-seeds", "2", "--log-dir", str(tmp_path), "--no-progress"]
+    assert meta_train.main(common + ["--name", "plain"]) == 0
+    src = l2o.load_optimizer(str(tmp_path / "plain" / "checkpoint.pt"), which="current")
+    assert meta_train.main(common + ["--name", "wrapped", "--adaptive-scale", "0.25", "--meta-steps", "1",
+                                     "--init-from", str(tmp_path / "plain" / "checkpoint.pt")]) == 0
+    out = l2o.load_optimizer(str(tmp_path / "wrapped" / "checkpoint.pt"), which="current")
+    assert isinstance(out, optim.AdaptiveScale) and isinstance(out.base, optim.LSTMOptimizer)
+    # one meta-step of outer Adam moved every weight by at most ~lr from the source's
+    for (k, a), (_, b) in zip(src.state_dict().items(), out.base.state_dict().items()):
+        assert (a - b).abs().max() < 5e-3, k
+    assert 0.2 < out.hparams()["beta"] < 0.3
+    capsys.readouterr()
+    assert meta_train.main(common + ["--name", "bad", "--adaptive-scale", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adaptive-scale must be a positive number" in err[0]
