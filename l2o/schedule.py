@@ -9,7 +9,8 @@ A schedule is a comma-separated list of phases ``TRUNCATION:META_STEPS[@OUTER_LR
 Each phase after the first starts from the best-validated weights so far (the run
 validates at the end of every phase), with a fresh outer optimizer and its own cosine
 decay (``--lr-schedule``) over its own meta-steps: the same as running the phases as
-separate commands chained with ``--init-from``, in one resumable run. Short truncations
+separate commands chained with ``--init-from`` (a later phase draws its optimizees from its own meta-step numbers), in one
+resumable run. Short truncations
 learn fast but are biased toward greedy, short-horizon behaviour; a final phase over the
 full horizon removes that bias once the weights are good enough for its long, noisier
 meta-gradients to be stable.
