@@ -11,7 +11,8 @@ written.
 
 Examples:
     python meta_train.py                                   # quick LSTM run -> runs/lstm_mnist/checkpoint.pt
-    python meta_train.py --preset paper                    # the full recipe (stage 1 of the shipped LSTM)
+    python meta_train.py --preset paper                    # the full recipe, truncated (200 meta-steps)
+    python meta_train.py --schedule 20:60,100:200@3e-4     # a curriculum: truncation 20, then the whole unroll
     python meta_train.py --task cifar10_conv --data-dir DATA
     python meta_train.py --optimizer momentum --learn lr,momentum --method forward --objective final_train
     python meta_train.py --optimizer sgd --learn weight_decay --method implicit --objective final_test --online 50
@@ -28,6 +29,7 @@ import sys
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
 from l2o.cli import Parser, add_threads, run, csv_list, finite_float, positive_int, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
+from l2o.schedule import total as schedule_total
 from l2o.optim import NAMES as OPTIMIZERS
 from l2o.tasks import FAMILIES, TASKS, DataNotFoundError
 
@@ -71,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")
-    g.add_argument("--truncation", type=positive_int, default=d.truncation, help="steps per truncation (truncated, pes, es) (default %(default)s)")
+    g.add_argument("--truncation", type=positive_int, help=f"steps per truncation (truncated, pes, es) (default {d.truncation})")
     g.add_argument("--online", type=positive_int, help="update the meta-parameters every K inner steps of a run (RTHO with forward, "
                    "TRHO with truncated); default: every truncation for the LSTM, once per run otherwise")
     g.add_argument("--objective", help=f"{', '.join(OBJECTIVES)} (default: normalised = mean over steps of "
@@ -83,7 +85,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sigma", type=finite_float, default=d.sigma, help="pes/es: perturbation standard deviation (default %(default)s)")
     g.add_argument("--implicit-iters", type=positive_int, default=d.implicit_iters, help="Neumann terms for --method implicit (default %(default)s)")
     g = ap.add_argument_group("outer loop")
-    g.add_argument("--meta-steps", type=positive_int, help="meta-steps (inner runs) in total (default: the preset's)")
+    g.add_argument("--meta-steps", type=positive_int, help="meta-steps (inner runs) in total (default: the preset's, "
+                   "or the schedule's sum)")
+    g.add_argument("--schedule", help="a curriculum in one run: comma-separated phases TRUNCATION:META_STEPS[@OUTER_LR], "
+                   "e.g. 20:60,100:200@3e-4 (60 meta-steps truncated every 20 steps at --outer-lr, then 200 through "
+                   "the whole 100-step unroll at 3e-4); each phase starts from the best-validated weights so far with a "
+                   "fresh outer optimizer and its own --lr-schedule decay; replaces --truncation and --meta-steps")
     g.add_argument("--outer-optimizer", default=d.outer_optimizer, help="adam, sgd or rmsprop (default %(default)s)")
     g.add_argument("--outer-lr", type=finite_float, default=d.outer_lr, help="meta learning rate (default %(default)s)")
     g.add_argument("--lr-schedule", default=d.lr_schedule, help="cosine or constant (default %(default)s)")
@@ -114,9 +121,15 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items()
               if k not in ("resume", "stop_after", "no_progress", "preset", "threads")}
+    if args.schedule is not None and args.truncation is not None:
+        raise UsageError("--truncation and --schedule both given; the schedule sets each phase's truncation")
+    if args.schedule is not None and args.meta_steps is None:
+        fields["meta_steps"] = schedule_total(TrainConfig(schedule=args.schedule).phases())  # its sum, not the preset's
     for key, value in PRESETS[args.preset].items():
         if fields.get(key) is None:
             fields[key] = value
+    if fields.get("truncation") is None:
+        fields["truncation"] = TrainConfig.truncation
     if fields.get("clip") == 0:
         fields["clip"] = None
     return TrainConfig(**fields)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .hypergrad import ESTIMATORS
 from .optim import NAMES as OPTIMIZERS
+from .schedule import Phase, parse as parse_schedule, total as schedule_total
 from .tasks import check as check_task, options as task_option_names
 
 METHODS = tuple(ESTIMATORS)
@@ -162,6 +163,7 @@ class OuterConfig:
     outer_lr: float = 1e-3
     lr_schedule: str = "cosine"
     clip: float | None = 1.0
+    schedule: str | None = None              # phases "TRUNCATION:META_STEPS[@OUTER_LR],..." (l2o.schedule)
 
     def validate_outer(self) -> None:
         positive_ints(self, "meta_steps")
@@ -169,6 +171,31 @@ class OuterConfig:
         need(self.clip is None or self.clip > 0, f"--clip must be > 0, got {self.clip}")
         need(self.outer_optimizer in ("adam", "sgd", "rmsprop"), "--outer-optimizer must be adam, sgd or rmsprop")
         need(self.lr_schedule in ("cosine", "constant"), "--lr-schedule must be cosine or constant")
+
+    def phases(self) -> list[Phase]:
+        """The run's phases: those of ``--schedule``, or one phase of ``--truncation`` over ``--meta-steps``."""
+        if self.schedule is None:
+            return [Phase(getattr(self, "truncation", 20), self.meta_steps, None, 0)]
+        try:
+            return parse_schedule(self.schedule)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+
+    def validate_schedule(self) -> None:
+        if self.schedule is None:
+            return
+        phases = self.phases()
+        need(self.meta_steps == schedule_total(phases),
+             f"--meta-steps {self.meta_steps} disagrees with --schedule {self.schedule!r} "
+             f"({schedule_total(phases)} meta-steps); leave --meta-steps out")
+        method = getattr(self, "method", None)
+        need(method in ("truncated", "pes", "es"),
+             f"--schedule sets the truncation of --method truncated, pes or es, not {method}")
+        horizon = getattr(self, "horizon", 0)
+        for ph in phases:
+            need(method != "truncated" or ph.truncation <= horizon,
+                 f"--schedule truncation {ph.truncation} is longer than --horizon {horizon}; use <= {horizon} "
+                 f"({horizon} backpropagates through the whole unroll)")
 
 
 @dataclass
@@ -227,9 +254,10 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         self.validate_optimizer()
         self.validate_estimator()
         self.validate_outer()
+        self.validate_schedule()
         self.validate_logging()
         self._validate_floats(need)
-        need(self.method != "truncated" or self.truncation <= self.horizon,
+        need(self.method != "truncated" or self.schedule is not None or self.truncation <= self.horizon,
              f"--truncation {self.truncation} is longer than --horizon {self.horizon}; pass --truncation <= horizon "
              f"(--truncation {self.horizon} backpropagates through the whole unroll)")
         need(self.online is None or self.online <= self.horizon,

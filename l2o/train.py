@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, hypergrad, optim, tasks
+from . import distributed, hypergrad, optim, schedule, tasks
 from .config import TrainConfig, UsageError
 from .evaluate import rollout, tune_lr, log_grid
 from .tasks import BatchStream, seeded
@@ -73,11 +73,13 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
     return opt
 
 
-def build_estimator(cfg: TrainConfig, update_every: int) -> hypergrad.Estimator:
-    """The ``--method`` estimator with the options its own options class declares."""
+def build_estimator(cfg: TrainConfig, update_every: int, truncation: int | None = None) -> hypergrad.Estimator:
+    """The ``--method`` estimator with the options its own options class declares (``truncation``: a phase's)."""
     cls = hypergrad.ESTIMATORS[cfg.method]
     names = {f for f in cls.options_class.__dataclass_fields__}
     kw = {opt: getattr(cfg, key) for key, opt in ESTIMATOR_OPTIONS.items() if opt in names}
+    if truncation is not None and "truncate" in names:
+        kw["truncate"] = truncation
     return hypergrad.make(cfg.method, every=update_every, **kw)
 
 
@@ -107,20 +109,40 @@ class MetaTrainer:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         self.meta_params = {n: p for n, p in self.opt.named_parameters() if p.requires_grad}
-        self.update_every = cfg.online or self.opt.default_update_every(cfg.truncation, cfg.horizon)
-        self.estimator = build_estimator(cfg, self.update_every)
+        self.phases = cfg.phases()  # one phase without --schedule
+        self._build_phase(0)
         self._check_estimator()
-        outer_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[cfg.outer_optimizer]
-        self.outer = outer_cls(list(self.meta_params.values()), lr=cfg.outer_lr)
-        self.updates_per_step = math.ceil(cfg.horizon / self.update_every)
-        total = cfg.meta_steps * self.updates_per_step
-        sched = (lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total))) if cfg.lr_schedule == "cosine" \
-            else (lambda i: 1.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.outer, sched)
         self.meta_step = 0
         self.best: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {"skipped": 0, "train_seconds": 0.0, "history": []}
         self.val_groups: dict[str, float] = {}
+
+    def _build_phase(self, k: int) -> None:
+        """Phase ``k``'s truncation, estimator, fresh outer optimizer and its learning-rate decay over the phase."""
+        cfg, ph = self.cfg, self.phases[k]
+        self.phase, self.truncation = k, ph.truncation
+        self.update_every = cfg.online or self.opt.default_update_every(ph.truncation, cfg.horizon)
+        self.estimator = build_estimator(cfg, self.update_every, ph.truncation if cfg.schedule else None)
+        outer_cls = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop}[cfg.outer_optimizer]
+        self.outer = outer_cls(list(self.meta_params.values()), lr=ph.outer_lr or cfg.outer_lr)
+        self.updates_per_step = math.ceil(cfg.horizon / self.update_every)
+        total = ph.meta_steps * self.updates_per_step
+        sched = (lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total))) if cfg.lr_schedule == "cosine" \
+            else (lambda i: 1.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.outer, sched)
+
+    def _enter_phase(self) -> None:
+        """At a phase's first meta-step: continue from the best-validated weights so far, with phase settings."""
+        k = schedule.phase_at(self.phases, self.meta_step)
+        if k == self.phase:
+            return
+        if self.best is not None:  # validated at the end of the previous phase, so this includes it
+            self.opt.load_state_dict({k_: v.to(self.cfg.device) for k_, v in self.best["state_dict"].items()})
+        self._build_phase(k)
+
+    def phase_ends(self, meta_step: int) -> bool:
+        """Whether ``meta_step`` (steps done) closes a phase of a schedule (validated, to pick the next start)."""
+        return self.cfg.schedule is not None and any(ph.end == meta_step for ph in self.phases)
 
     def _check_estimator(self) -> None:
         """Refuse, in one line naming the methods that can, an estimator that cannot learn these meta-parameters."""
@@ -145,7 +167,7 @@ class MetaTrainer:
 
     def _members(self, meta_step: int) -> list[tuple[tasks.Task, dict, BatchStream, int]]:
         out = []
-        keep = max(4, self.cfg.truncation)  # PES / ES particles replay a truncation's batches one after another
+        keep = max(4, self.truncation)  # PES / ES particles replay a truncation's batches one after another
         for s in self.member_seeds(meta_step):
             g = seeded(s, 0)
             prob = self.task.sample(g)
@@ -190,6 +212,7 @@ class MetaTrainer:
     # ------------------------------------------------------------------ one meta-step
     def meta_step_once(self, log: Callable[[str, float, int], None] | None = None) -> dict[str, float]:
         """Run one inner run with its outer updates; returns figures for logging."""
+        self._enter_phase()
         problem = self.problem(self._members(self.meta_step))
         gen = seeded(TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100, 4)  # perturbations (PES, ES)
         est, state = self.estimator, self.estimator.init(problem, self.meta_params, gen)
@@ -313,7 +336,7 @@ class MetaTrainer:
     def state(self) -> dict[str, Any]:
         return {"optimizer": ckpt_io.optimizer_payload(self.opt), "best": self.best, "config": self.cfg.to_dict(),
                 "outer_optimizer": self.outer.state_dict(), "scheduler": self.sched.state_dict(),
-                "meta_step": self.meta_step, "rng": {"torch": torch.get_rng_state()}, "extra": self.extra,
+                "meta_step": self.meta_step, "phase": self.phase, "rng": {"torch": torch.get_rng_state()}, "extra": self.extra,
                 "distributed": {"world_size": self.dist.world_size, "backend": self.dist.backend}}
 
     def save(self, path: str | None = None) -> None:
@@ -329,6 +352,8 @@ class MetaTrainer:
             raise UsageError(f"--resume: the checkpoint was made with {shown}; rerun with the same flags "
                              f"or start a new run with --name")
         self.opt.load_state_dict(ckpt["optimizer"]["state_dict"])
+        if ckpt.get("phase", 0) != self.phase:  # the outer state below belongs to the stored phase
+            self._build_phase(ckpt["phase"])
         self.outer.load_state_dict(ckpt["outer_optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.meta_step, self.best, self.extra = ckpt["meta_step"], ckpt["best"], ckpt["extra"]
@@ -438,6 +463,9 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
             log.scalar("meta/grad_norm", fig["grad_norm"], step)
             log.scalar("meta/skipped", trainer.extra["skipped"], step)
             log.scalar("meta/outer_lr", trainer.sched.get_last_lr()[0], step)
+            if cfg.schedule is not None:
+                log.scalar("meta/phase", trainer.phase + 1, step)
+                log.scalar("meta/truncation", trainer.truncation, step)
             if few:
                 for name, value in trainer.opt.hparams().items():
                     log.scalar(f"hparams/{name}", value, step)
@@ -445,7 +473,7 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                     g = g.detach()
                     log.scalar(f"hypergrad/{name}", float(g.norm()) if g.numel() > 1 else float(g), step)
             postfix = {"loss": fig["meta_loss"]}
-            if step % cfg.val_every == 0 or step == cfg.meta_steps:
+            if step % cfg.val_every == 0 or step == cfg.meta_steps or trainer.phase_ends(step):
                 val = trainer.validate()
                 log.scalar("val/learned", val, step)
                 log.scalar("val/adam_tuned", trainer.extra["adam_val"], step)

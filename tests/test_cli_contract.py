@@ -49,6 +49,13 @@ CASES = [
     (T, ["--threads", "0"], "--threads"),
     # meta_train.py: configuration
     (T, ["--truncation", "50", "--horizon", "10"], "--truncation 50 is longer than --horizon 10"),
+    (T, ["--schedule", "20:60,x:5"], "--schedule phase 'x:5': the truncation must be a positive integer"),
+    (T, ["--schedule", "20:60,100:5@-3e-4"], "the outer learning rate must be a positive number"),
+    (T, ["--schedule", ""], "--schedule is empty"),
+    (T, ["--schedule", "20:60", "--truncation", "10"], "--truncation and --schedule both given"),
+    (T, ["--schedule", "20:60,100:5", "--meta-steps", "10"], "--meta-steps 10 disagrees with --schedule"),
+    (T, ["--schedule", "5:2,20:2", "--horizon", "10"], "--schedule truncation 20 is longer than --horizon 10"),
+    (T, ["--schedule", "5:2", "--method", "reverse"], "--schedule sets the truncation of --method truncated, pes or es"),
     (T, ["--optimizer", "sgd", "--learn", "lr", "--online", "50", "--horizon", "10", "--truncation", "5"], "--online"),
     (T, ["--outer-lr", "-1"], "--outer-lr must be > 0"),
     (T, ["--device", "banana"], "--device"),
