@@ -168,15 +168,18 @@ class FusedCell(torch.autograd.Function):
             if need_w[2 * i + 1]:
                 g_w[2 * i + 1] = dpre.sum(1)
             w = weights[2 * i]
-            if need_h[i]:
-                dh_prev[i] = w[:, k:].t() @ dpre
+            below = i > 0 or need[0]  # the gradient of this layer's input is wanted
+            if below and need_h[i]:  # one product for both: rows [:k] and [k:] are contiguous blocks
+                both = w.t() @ dpre
+                d_in, dh_prev[i] = both[:k], both[k:]
+            else:
+                d_in = w[:, :k].t() @ dpre if below else None
+                if need_h[i]:
+                    dh_prev[i] = w[:, k:].t() @ dpre
             if i > 0:
-                dh = w[:, :k].t() @ dpre
-                if dh_ext[i - 1] is not None:
-                    dh = dh + dh_ext[i - 1]
-            elif need[0]:
-                dxi = w[:, :k].t() @ dpre
-                dx = dxi if dx is None else dx + dxi
+                dh = d_in if dh_ext[i - 1] is None else d_in + dh_ext[i - 1]
+            elif d_in is not None:
+                dx = d_in if dx is None else dx + d_in
         return (None, dx, *dh_prev, *dc_prev, *g_w)
 
 
