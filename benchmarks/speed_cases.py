@@ -9,6 +9,7 @@ import l2o
 from l2o.hypergrad import implicit as implicit_hypergrad
 from l2o.hypergrad import reverse as reverse_hypergrad
 from l2o.hypergrad import segments, unroll
+from l2o.optim import lstm_kernel
 from l2o.tasks import seeded
 from l2o.tasks.base import ModuleTask, cross_entropy
 from l2o.tasks.mlp import build_mlp
@@ -81,7 +82,12 @@ def lstm(args, device, compare, row, header):
     print(f"MNIST MLP 784-20-10: {n} coordinates; LSTM {opt.layers}x{opt.hidden}, {n_in} input features, "
           f"{opt.readout} readout: {macs} multiply-adds per coordinate; the reference is one "
           f"[{n}, 40] @ [40, 80] matmul (3200 per coordinate) scaled by {macs}/3200\n")
-    fns = {"step": steps10, "mm": matmul10}
+    def eager10():  # the same step with the compiled gate kernel switched off
+        with torch.no_grad(), lstm_kernel.disabled():
+            for _ in range(10):
+                opt.step(params, grads, state)
+
+    fns = {"step": steps10, "mm": matmul10, "eager": eager10}
     compile_s = None
     if args.compile:
         twin = l2o.load_optimizer(args.checkpoint).to(device).use_compiled()
@@ -106,10 +112,21 @@ def lstm(args, device, compare, row, header):
                           second_order=False, meta_weights=[1.0] * STEPS):
             pass
     fns["meta"] = meta_unroll
+
+    def meta_recorded():  # the reference: every operation of the cell recorded by autograd, eager gates
+        opt.recorded_cell = True
+        try:
+            with lstm_kernel.disabled():
+                meta_unroll()
+        finally:
+            opt.recorded_cell = False
+    fns["meta_recorded"] = meta_recorded
     med = compare(fns)
     mm = med["mm"] * macs / 3200
     print(header)
-    print(row("LSTM step, no graph, eager fused (10 steps) / matmul of equal FLOPs", med["step"], mm, 3))
+    kern = "compiled gate kernel" if lstm_kernel.kernel() is not None else "kernel UNAVAILABLE, eager"
+    print(row(f"LSTM step, no graph, fused, {kern} (10 steps) / matmul of equal FLOPs", med["step"], mm, 3))
+    print(row("LSTM step, no graph, fused, eager gates (10 steps) / matmul of equal FLOPs", med["eager"], mm, None))
     if args.compile:
         print(row("LSTM step, no graph, torch.compile (10 steps) / matmul of equal FLOPs", med["compiled"], mm, 3))
     print(row("100-step run with the LSTM / torch.optim.Adam run", med["lstm_run"], med["torch_adam_run"], 6))
@@ -117,6 +134,9 @@ def lstm(args, device, compare, row, header):
               med["torch_adam_run"], None))
     print(row("meta-unroll T=100, K=20, with graph / 100 plain l2o Adam steps (unroll, no graph)", med["meta"],
               med["l2o_adam_run"], 10))
+    print(row("meta-unroll with the recorded cell (autograd, eager gates) / 100 plain l2o Adam steps",
+              med["meta_recorded"], med["l2o_adam_run"], None))
+    print(row("meta-unroll, one-node cell / meta-unroll, recorded cell", med["meta"], med["meta_recorded"], None))
     if compile_s is not None:
         print(f"\ntorch.compile of the LSTM step: first call (compilation) {compile_s:.1f} s")
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import preprocess
 from .base import DifferentiableOptimizer, Params, State
+from .lstm_fused import FusedCell, forward_fm
 
 INPUTS = ("paper", "plain", "rich")
 READOUTS = ("linear", "dir_mag")
@@ -50,6 +51,10 @@ class LSTMOptimizer(DifferentiableOptimizer):
             the handful of weights that set the overall step size and its dependence on
             the gradient's scale, which otherwise need thousands of meta-steps to move by O(1).
     """
+
+    #: with a graph, run :func:`cell_core` under autograd instead of the one-node
+    #: :class:`~l2o.optim.lstm_fused.FusedCell` (the reference, for tests and benchmarks)
+    recorded_cell: bool = False
 
     def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "paper", output_scale: float = 0.1,
                  p: float = 10.0, init_scale: float = 1e-3, plain_scale: float = 1.0,
@@ -158,7 +163,16 @@ class LSTMOptimizer(DifferentiableOptimizer):
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
         x, feat_state = self._features(g, state)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and not self.recorded_cell:
+            # one autograd node per step with a hand-written backward (lstm_fused); states
+            # are [N, hidden] views of [hidden, N] storage, as in the no-graph path
+            hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in state["h"]]
+            cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in state["c"]]
+            out = FusedCell.apply((self.hidden, self.layers, self.readout, self.output_scale, self.skip_gain),
+                                  x.t(), *hT, *cT, *self._weights())
+            update = out[0]
+            hs, cs = [h.t() for h in out[1:1 + self.layers]], [c.t() for c in out[1 + self.layers:]]
+        elif torch.is_grad_enabled():  # the reference: every operation recorded by autograd
             update, hs, cs = cell_core(x, state["h"], state["c"], self._weights(), self.hidden, self.readout,
                                        self.output_scale, self.skip_gain)
         elif getattr(self, "_compiled_enabled", False) and not getattr(self, "_compile_failed", False):
@@ -187,52 +201,25 @@ class LSTMOptimizer(DifferentiableOptimizer):
 
     def _fused_step(self, xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor]
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """:func:`cell_core` without a graph, feature-major, in place on a reused buffer.
+        """:func:`cell_core` without a graph, feature-major, on reused work buffers.
 
-        Works on ``[features, N]`` matrices, so that each gate is a contiguous block of
-        rows and every elementwise operation runs over contiguous memory; the cell
-        output's ``tanh`` is computed as ``2 sigmoid(2 c) - 1`` (the faster kernel on
-        CPUs). States go in and come out as ``[N, hidden]`` views of ``[hidden, N]``
-        storage. Returns ``(update [N], hidden states, cell states)``.
+        Works on ``[features, N]`` matrices (:func:`l2o.optim.lstm_fused.forward_fm`): each
+        gate is a contiguous block of rows, the gates' elementwise work is one compiled pass
+        (:mod:`l2o.optim.lstm_kernel`, eager operations where it is unavailable) and the cell
+        output's ``tanh`` is ``2 sigmoid(2 c) - 1``. States go in and come out as
+        ``[N, hidden]`` views of ``[hidden, N]`` storage. Returns ``(update [N], hidden
+        states, cell states)``.
         """
         H, n = self.hidden, xT.shape[1]
-        pre = self._buffer(4 * H, n, xT)
-        new_h, new_c = [], []
-        inp = xT
-        for lin, h, c in zip(self.cells, [h.t() for h in hs], [c.t() for c in cs]):
-            k = inp.shape[0]
-            # gates = sigmoid(W [x; h] + b): two products into one buffer, no concatenation
-            torch.addmm(lin.bias[:, None], lin.weight[:, :k], inp, out=pre)
-            pre.addmm_(lin.weight[:, k:], h).sigmoid_()
-            ig, fg, og, gg = pre[:H], pre[H:2 * H], pre[2 * H:3 * H], pre[3 * H:]
-            # c' = f c + i (2 g - 1)     (the cell gate is tanh(z) = 2 sigmoid(2z) - 1)
-            c_new = torch.mul(fg, c)
-            c_new.addcmul_(ig, gg, value=2.0).sub_(ig)
-            # h' = o tanh(c') = o (2 sigmoid(2 c') - 1)
-            h_new = torch.mul(c_new, 2.0).sigmoid_().mul_(2.0).sub_(1.0).mul_(og)
-            new_h.append(h_new)
-            new_c.append(c_new)
-            inp = h_new
-        update = readout_core(inp, xT, self._weights()[2 * self.layers:], self.readout, self.output_scale,
-                              self.skip_gain)
-        return update, [h.t() for h in new_h], [c.t() for c in new_c]
-
-    def _buffer(self, rows: int, n: int, like: torch.Tensor) -> torch.Tensor:
         buf = getattr(self, "_scratch", None)
-        if buf is None or buf.shape != (rows, n) or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._scratch = torch.empty(rows, n, dtype=like.dtype, device=like.device)
-        return buf
-
-
-def readout_core(h: torch.Tensor, xT: torch.Tensor, weights: list[torch.Tensor], readout: str,
-                 output_scale: float, skip_gain: float) -> torch.Tensor:
-    """The update ``[N]`` from the top hidden state ``h`` ``[H, N]`` and the features ``xT`` ``[F, N]``."""
-    if readout == "linear":
-        w, b = weights[0], weights[1]
-        return torch.addmm(b[:, None], w, h)[0] * output_scale
-    w, b, skip = weights
-    ds = torch.addmm(torch.addmm(b[:, None], w, h), skip, xT, alpha=skip_gain)
-    return ds[0] * torch.exp(ds[1].clamp(max=MAX_LOG_MAGNITUDE)) * output_scale
+        if buf is None or buf[0].shape != (4 * H, n) or buf[0].dtype != xT.dtype or buf[0].device != xT.device:
+            buf = self._scratch = [xT.new_empty(4 * H, n), xT.new_empty(H, n)]
+        hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in hs]
+        cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in cs]
+        update, new_h, new_c, _ = forward_fm(xT if xT.is_contiguous() else xT.contiguous(), hT, cT,
+                                             self._weights(), H, self.readout, self.output_scale, self.skip_gain,
+                                             save=False, scratch=buf)
+        return update, [h.t() for h in new_h], [c.t() for c in new_c]
 
 
 def cell_core(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""The LSTM optimizer's step and truncated meta-step, compiled gate kernel / one-node cell against eager / recorded.
+
+CPU time of this process (``time.process_time``), not wall time: on a machine shared with
+other work, the time the process actually ran is the steadier measure (cache and memory
+contention still count). Medians of 3 interleaved repetitions, 1 torch thread.
+
+    python benchmarks/lstm_cpu_time.py --data-dir DATA
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import l2o
+from l2o.hypergrad import segments
+from l2o.optim import lstm_kernel
+from l2o.tasks import seeded
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=None, help="data root holding MNIST/raw")
+    ap.add_argument("--checkpoint", default="checkpoints/lstm_mnist.pt")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    task = l2o.tasks.get("mnist_mlp", data_dir=args.data_dir, device="cpu")
+    params = task.init(seeded(0, 0))
+    gen = seeded(0, 1)
+    batches = [task.batch("train", gen) for _ in range(20)]
+    opt = l2o.load_optimizer(args.checkpoint)
+    hp = dict(opt.named_parameters())
+    p = {k: v.clone().requires_grad_() for k, v in params.items()}
+    grads = dict(zip(p, torch.autograd.grad(task.loss(p, batches[0]), list(p.values()))))
+    with torch.no_grad():
+        state = opt.init(params)
+        for _ in range(5):
+            _, state = opt.step(params, grads, state)
+    a, b = torch.randn(15910, 40), torch.randn(40, 80)
+
+    def mm():
+        for _ in range(10):
+            a @ b
+
+    def step():
+        with torch.no_grad():
+            for _ in range(10):
+                opt.step(params, grads, state)
+
+    def eager():
+        with lstm_kernel.disabled():
+            step()
+
+    def meta():
+        for _ in segments(lambda q, h, t: task.loss(q, batches[t]), None, params, hp, opt, 20, 20,
+                          second_order=False, meta_weights=[1.0] * 20):
+            pass
+
+    def meta_rec():
+        opt.recorded_cell = True
+        try:
+            with lstm_kernel.disabled():
+                meta()
+        finally:
+            opt.recorded_cell = False
+    fns = dict(mm=mm, step=step, eager=eager, meta=meta, meta_rec=meta_rec)
+    for f in fns.values():
+        f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(3):
+        for k, f in fns.items():
+            t0 = time.process_time()
+            f()
+            ts[k].append(time.process_time() - t0)
+    m = {k: statistics.median(v) for k, v in ts.items()}
+    mmeq = m["mm"] * 5414 / 3200  # the shipped LSTM's multiply-adds per coordinate / the product's
+    print({k: round(v * 1e3, 1) for k, v in m.items()}, "ms CPU")
+    print(f"step/matmul-FLOPs kernel {m['step'] / mmeq:.2f}x eager {m['eager'] / mmeq:.2f}x; "
+          f"kernel/eager {m['step'] / m['eager']:.2f}")
+    print(f"meta 20 steps one-node+kernel / recorded {m['meta'] / m['meta_rec']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""A compiled kernel for the LSTM optimizer's gate arithmetic on CPUs (optional, with an eager fallback).
+
+After the two matrix products of a layer, the cell's elementwise work (four sigmoids,
+the cell update, ``tanh``, the output gate) is, in eager PyTorch, a dozen passes over
+``[4 hidden, N]`` matrices, each paying a full trip through memory; its backward a
+dozen more. Here each is one pass of a small C loop, compiled at first use with the
+system's C compiler (about a second) into a cache directory (``$L2O_KERNEL_CACHE``,
+default ``~/.cache/l2o``) and called through :mod:`ctypes` on the tensors' storage, so
+it needs no PyTorch headers. ``exp`` for float32 is Cephes' ``expf`` (a degree-6
+polynomial after range reduction, within 2 ulp), which the compiler vectorises; float64
+uses the C library's ``exp``.
+
+Where no compiler is found or the build fails, :func:`kernel` returns ``None`` after a
+single warning and callers use their eager PyTorch code. ``L2O_NO_KERNEL=1`` disables it.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import torch
+
+_EXP_F32 = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float exp_f32(float x) {  /* Cephes expf; NaN stays NaN */
+    x = x > 88.0f ? 88.0f : x;  /* 2^n below stays a normal float: n <= 127 */
+    x = x < -87.0f ? -87.0f : x;
+    float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    x = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.0f;
+    int32_t e = ((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, sizeof scale);
+    return y * scale;
+}
+static inline double exp_f64(double x) { return exp(x); }
+"""
+
+_GATES = r"""
+/* pre [4H, N]: gate pre-activations in, sigmoids out; c [H, N] in; c_new, t = tanh(c_new), h_new out.
+   Rows are N apart. */
+void gates_fwd_SFX(T *restrict pre, const T *restrict c, T *restrict c_new, T *restrict t,
+                   T *restrict h_new, int64_t H, int64_t N) {
+    for (int64_t j = 0; j < H; ++j) {
+        T *restrict pi = pre + j * N;
+        T *restrict pf = pre + (H + j) * N;
+        T *restrict po = pre + (2 * H + j) * N;
+        T *restrict pq = pre + (3 * H + j) * N;
+        const T *restrict cj = c + j * N;
+        T *restrict cn = c_new + j * N;
+        T *restrict hn = h_new + j * N;
+        T *restrict tj = t + j * N;
+        for (int64_t n = 0; n < N; ++n) {
+            T i = (T)1 / ((T)1 + EXP(-pi[n]));
+            T f = (T)1 / ((T)1 + EXP(-pf[n]));
+            T o = (T)1 / ((T)1 + EXP(-po[n]));
+            T q = (T)1 / ((T)1 + EXP(-pq[n]));
+            pi[n] = i;
+            pf[n] = f;
+            po[n] = o;
+            pq[n] = q;
+            T cc = f * cj[n] + i * ((T)2 * q - (T)1);
+            T th = (T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1;
+            cn[n] = cc;
+            tj[n] = th;
+            hn[n] = o * th;
+        }
+    }
+}
+
+/* s [4H, N] sigmoids, t [H, N], c [H, N] the previous cell state, dh and dc [H, N] the incoming
+   gradients; out: dpre [4H, N] (gradient of the pre-activations), dc_prev [H, N]. */
+void gates_bwd_SFX(const T *restrict s, const T *restrict t, const T *restrict c, const T *restrict dh,
+                   const T *restrict dc, T *restrict dpre, T *restrict dc_prev, int64_t H, int64_t N) {
+    for (int64_t j = 0; j < H; ++j) {
+        const T *restrict si = s + j * N;
+        const T *restrict sf = s + (H + j) * N;
+        const T *restrict so = s + (2 * H + j) * N;
+        const T *restrict sq = s + (3 * H + j) * N;
+        const T *restrict tj = t + j * N;
+        const T *restrict cj = c + j * N;
+        const T *restrict dhj = dh + j * N;
+        const T *restrict dcj = dc + j * N;
+        T *restrict di = dpre + j * N;
+        T *restrict df = dpre + (H + j) * N;
+        T *restrict dO = dpre + (2 * H + j) * N;
+        T *restrict dq = dpre + (3 * H + j) * N;
+        T *restrict dcp = dc_prev + j * N;
+        for (int64_t n = 0; n < N; ++n) {
+            T i = si[n], f = sf[n], o = so[n], q = sq[n], th = tj[n], g = dhj[n];
+            T dcv = dcj[n] + g * o * ((T)1 - th * th);
+            di[n] = dcv * ((T)2 * q - (T)1) * i * ((T)1 - i);
+            df[n] = dcv * cj[n] * f * ((T)1 - f);
+            dO[n] = g * th * o * ((T)1 - o);
+            dq[n] = (T)2 * dcv * i * q * ((T)1 - q);
+            dcp[n] = dcv * f;
+        }
+    }
+}
+"""
+
+SOURCE = _EXP_F32 + "".join(
+    _GATES.replace("SFX", sfx).replace("EXP", f"exp_{sfx}").replace("T ", f"{ct} ").replace("(T)", f"({ct})")
+    for sfx, ct in (("f32", "float"), ("f64", "double")))
+
+_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math"]
+_state: dict = {}
+
+
+def _arch_flags() -> list[str]:
+    # the vector width the running CPU has, as PyTorch detected it (no -march=native:
+    # a cached library may be read by another machine sharing the home directory)
+    cap = torch.backends.cpu.get_cpu_capability()
+    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    flags = _FLAGS + _arch_flags()
+    key = hashlib.sha256((SOURCE + " ".join(flags) + cc).encode()).hexdigest()[:16]
+    root = os.environ.get("L2O_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "l2o")
+    path = os.path.join(root, f"lstm_kernel_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(root, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:
+            src, out = os.path.join(tmp, "k.c"), os.path.join(tmp, "k.so")
+            with open(src, "w") as fh:
+                fh.write(SOURCE)
+            res = subprocess.run([cc, *flags, src, "-o", out, "-lm"], capture_output=True, text=True)
+            if res.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
+            os.replace(out, path)  # atomic: concurrent processes never load a half-written file
+    lib = ctypes.CDLL(path)
+    for sfx in ("f32", "f64"):
+        getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+        getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled library (built on first call), or None where it cannot be had."""
+    if "lib" not in _state:
+        if os.environ.get("L2O_NO_KERNEL"):
+            _state["lib"] = None
+        else:
+            try:
+                _state["lib"] = _build()
+            except Exception as exc:  # no compiler, read-only home, exotic platform
+                warnings.warn(f"l2o: the compiled LSTM kernel is unavailable ({exc}); using eager PyTorch "
+                              f"operations (slower)", RuntimeWarning, stacklevel=3)
+                _state["lib"] = None
+    return _state["lib"]
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """True if the kernel applies: CPU, float32/float64, contiguous, no autograd recording needed."""
+    t0 = tensors[0]
+    return (not _state.get("off") and t0.device.type == "cpu" and t0.dtype in (torch.float32, torch.float64)
+            and all(t.is_contiguous() and t.dtype == t0.dtype for t in tensors) and kernel() is not None)
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the eager PyTorch operations run instead (tests, side-by-side benchmarks)."""
+    old = _state.get("off", False)
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = old
+
+
+def _p(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _sfx(*tensors: torch.Tensor | None) -> str:
+    ts = [t for t in tensors if t is not None]
+    if not all(t.dtype == ts[0].dtype and t.is_contiguous() and t.device.type == "cpu" for t in ts):
+        raise ValueError("the LSTM kernel needs contiguous CPU tensors of one dtype")
+    return "f32" if ts[0].dtype == torch.float32 else "f64"
+
+
+def gates_forward(pre: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, t: torch.Tensor,
+                  h_new: torch.Tensor) -> None:
+    """In place: ``pre`` [4H, N] becomes the gate sigmoids; writes ``c_new``, ``t = tanh(c_new)``, ``h_new``."""
+    H, N = c.shape
+    getattr(kernel(), f"gates_fwd_{_sfx(pre, c, c_new, t, h_new)}")(_p(pre), _p(c), _p(c_new), _p(t), _p(h_new), H, N)
+
+
+def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
+                   dc: torch.Tensor | None, dpre: torch.Tensor, dc_prev: torch.Tensor) -> None:
+    """Writes ``dpre`` [4H, N] (gradient of the gate pre-activations) and ``dc_prev`` [H, N]; None is zero."""
+    H, N = c.shape
+    zero = torch.zeros_like(c) if dh is None or dc is None else None
+    dh, dc = zero if dh is None else dh, zero if dc is None else dc
+    getattr(kernel(), f"gates_bwd_{_sfx(s, t, c, dh, dc, dpre, dc_prev)}")(_p(s), _p(t), _p(c), _p(dh), _p(dc), _p(dpre), _p(dc_prev), H, N)
