@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import torch
 
 from ..optim.base import substitute
+from . import particles
 from .estimator import Estimator, Options, Problem, State, register, zeros_like
 from .reverse import check_hparams
 from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
@@ -43,11 +44,14 @@ from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
 @dataclass
 class PESOptions(Options):
     """``truncate``: steps per truncation (None: the chunk); ``sigma``: perturbation scale;
-    ``particles``: antithetic pairs (``2 * particles`` unrolls)."""
+    ``particles``: antithetic pairs (``2 * particles`` unrolls); ``batched``: run a truncation's
+    particles as one batch (True), one after another (False), or None: batched wherever the loss
+    and the optimizer vmap (measured the faster path, see ``benchmarks/pes_cost.py``)."""
 
     truncate: int | None = None
     sigma: float = 0.01
     particles: int = 8
+    batched: bool | None = None
 
 
 @register
@@ -89,23 +93,15 @@ class PES(Estimator):
                    for k, v in accum.items()}
             for k in accum:
                 accum[k] = accum[k] + eps[k] if self.persistent else eps[k]
+            losses = self._batched(p, meta_params, theta, eps, state, k_steps, end) if self._batch(p) else None
+            if losses is None:
+                losses = self._sequential(p, meta_params, theta, eps, state, k_steps, end)
+            if losses is None:
+                state.t = end
+                return zeros_like(meta_params), math.nan, False
             diffs = torch.zeros(N, dtype=torch.float64)
-            for i in range(2 * N):
-                sign = 1.0 if i % 2 == 0 else -1.0
-                h = {k: theta[k] + sign * eps[k][i // 2] for k in theta}
-                with substitute(p.opt, {id(meta_params[k]): h[k] for k in theta}):
-                    params, opt_state = parts[i] if parts[i] is not None else self._start(p, meta_params, h)
-                    res = unroll(p.inner_loss, params, h, p.opt, k_steps, state=opt_state, start=state.t,
-                                 graph=False, meta_weights=p.meta_weights)
-                    loss = float(res.meta_loss)
-                    if res.finite and p.outer_loss is not None and state.t + k_steps == end:
-                        with torch.no_grad():
-                            loss += float(p.outer_loss(res.params, h))
-                if not (res.finite and math.isfinite(loss)):
-                    state.t = end
-                    return zeros_like(meta_params), math.nan, False
-                parts[i] = (res.params, res.state)
-                diffs[i // 2] += sign * loss
+            for i, loss in enumerate(losses):
+                diffs[i // 2] += (1.0 if i % 2 == 0 else -1.0) * loss
                 total_loss += loss / (2 * N)
             for k in grads:  # g_j = sum_i xi_i (L_i^+ - L_i^-) / (2 N sigma^2)
                 w = diffs.to(accum[k].dtype).to(accum[k].device).reshape(N, *([1] * (accum[k].dim() - 1)))
@@ -114,6 +110,60 @@ class PES(Estimator):
         # the state the caller may read: the first particle's (for logging; each particle has its own)
         state.params, state.opt_state = parts[0]
         return grads, total_loss, True
+
+    def _sequential(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
+        """One truncation, one particle after another; None (chunk given up) at the first non-finite particle."""
+        parts, losses = state.extra["particles"], []
+        for i in range(len(parts)):
+            sign = 1.0 if i % 2 == 0 else -1.0
+            h = {k: theta[k] + sign * eps[k][i // 2] for k in theta}
+            with substitute(p.opt, {id(meta_params[k]): h[k] for k in theta}):
+                params, opt_state = parts[i] if parts[i] is not None else self._start(p, meta_params, h)
+                res = unroll(p.inner_loss, params, h, p.opt, k_steps, state=opt_state, start=state.t,
+                             graph=False, meta_weights=p.meta_weights)
+                loss = float(res.meta_loss)
+                if res.finite and p.outer_loss is not None and state.t + k_steps == end:
+                    with torch.no_grad():
+                        loss += float(p.outer_loss(res.params, h))
+            if not (res.finite and math.isfinite(loss)):
+                return None
+            parts[i] = (res.params, res.state)
+            losses.append(loss)
+        return losses
+
+    def _batch(self, p: Problem) -> bool:
+        """Batch the particles? ``options.batched``, or by default where measured faster (see :class:`PESOptions`)."""
+        if getattr(self, "_unbatchable", None) is not None:
+            return False
+        if self.options.batched is not None:
+            return self.options.batched
+        return True
+
+    def _batched(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
+        """One truncation of every particle as one batch (:mod:`.particles`); None: replay it sequentially."""
+        extra = state.extra
+        parts = extra["particles"]
+        h = particles.perturbed(theta, eps)
+        cached = extra.get("_stacked")
+        try:
+            if cached is not None and all(a is b for a, b in zip(cached[0], parts)):
+                stacked = cached[1]
+            else:
+                starts = [pt if pt is not None else self._start(p, meta_params, {k: v[i] for k, v in h.items()})
+                          for i, pt in enumerate(parts)]
+                stacked = particles.stack_parts(starts)
+            out = particles.run(p.inner_loss, p.outer_loss, p.opt, meta_params, h, *stacked, state.t, k_steps,
+                                p.meta_weights, state.t + k_steps == end)
+        except particles.Unbatchable as exc:
+            # this loss or optimizer does not vmap: every later truncation runs one particle at a time
+            self._unbatchable = str(exc)
+            return None
+        if out is None:
+            return None
+        objective, params, leaves, spec = out
+        parts[:] = particles.unstack_parts(params, leaves, spec, len(parts))
+        extra["_stacked"] = (list(parts), (params, leaves, spec))
+        return objective.tolist()
 
     def state_dict(self, state):
         out = super().state_dict(state)
