@@ -153,6 +153,11 @@ def run(inner_loss: InnerLoss, outer_loss: OuterLoss | None, opt, meta_params: d
     return objective, params, leaves, spec
 
 
+def floats(tree: Any) -> int:
+    """Number of floating-point entries in the tensors of ``tree`` (one particle's state)."""
+    return sum(x.numel() for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor) and x.is_floating_point())
+
+
 def _finite(loss: torch.Tensor, grads: Params) -> bool:
     """Every particle's loss and gradient finite (one host synchronisation)."""
     # the largest magnitude is finite exactly when every entry is (a NaN propagates through amax)

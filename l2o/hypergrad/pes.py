@@ -41,6 +41,15 @@ from .reverse import check_hparams
 from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
 
 
+# Default for ``batched=None``: batch the particles when all of them together hold at most this many
+# floats of inner parameters and optimizer state. Batching saves the per-particle Python and dispatch
+# cost of every step, and wins where that dominates (small optimizees, hand-designed optimizers); once the
+# stacked state outgrows the CPU's caches the batched step is slower than the particles one after
+# another (an LSTM on the MNIST MLP: 2.2x slower). Measured crossover on one core: 2**18-2**20 floats
+# for both the LSTM and Momentum (``benchmarks/pes_cost.py``, RESULTS.md "PES / ES meta-gradient cost").
+BATCH_FLOATS = 2 ** 19
+
+
 @dataclass
 class PESOptions(Options):
     """``truncate``: steps per truncation (None: the chunk); ``sigma``: perturbation scale;
@@ -81,6 +90,11 @@ class PES(Estimator):
         params = {k: (h[by_id[id(v)]] if id(v) in by_id else v) for k, v in problem.params.items()}
         return params, problem.opt.init(params)
 
+    def _start_perturbed(self, problem: Problem, meta_params: dict, h: dict) -> tuple[Params, Any]:
+        """:meth:`_start` with the perturbed meta-parameters in the optimizer, as the sequential path calls it."""
+        with substitute(problem.opt, {id(meta_params[k]): h[k] for k in h}):
+            return self._start(problem, meta_params, h)
+
     def _chunk(self, meta_params, state, n):
         p, o, extra = state.problem, self.options, state.extra
         K, N, sigma = min(o.truncate or n, n), o.particles, o.sigma
@@ -93,7 +107,7 @@ class PES(Estimator):
                    for k, v in accum.items()}
             for k in accum:
                 accum[k] = accum[k] + eps[k] if self.persistent else eps[k]
-            losses = self._batched(p, meta_params, theta, eps, state, k_steps, end) if self._batch(p) else None
+            losses = self._batched(p, meta_params, theta, eps, state, k_steps, end) if self._batch(state) else None
             if losses is None:
                 losses = self._sequential(p, meta_params, theta, eps, state, k_steps, end)
             if losses is None:
@@ -131,13 +145,17 @@ class PES(Estimator):
             losses.append(loss)
         return losses
 
-    def _batch(self, p: Problem) -> bool:
-        """Batch the particles? ``options.batched``, or by default where measured faster (see :class:`PESOptions`)."""
+    def _batch(self, state: State) -> bool:
+        """Batch the particles? ``options.batched``, else by size: see :data:`BATCH_FLOATS`."""
         if getattr(self, "_unbatchable", None) is not None:
             return False
         if self.options.batched is not None:
             return self.options.batched
-        return True
+        if "_batch" not in state.extra:  # decided by sizes only, so a resumed run takes the same path
+            p = state.problem
+            floats = particles.floats((p.params, p.opt.init(p.params)))
+            state.extra["_batch"] = 2 * self.options.particles * floats <= BATCH_FLOATS
+        return state.extra["_batch"]
 
     def _batched(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
         """One truncation of every particle as one batch (:mod:`.particles`); None: replay it sequentially."""
@@ -149,7 +167,7 @@ class PES(Estimator):
             if cached is not None and all(a is b for a, b in zip(cached[0], parts)):
                 stacked = cached[1]
             else:
-                starts = [pt if pt is not None else self._start(p, meta_params, {k: v[i] for k, v in h.items()})
+                starts = [pt if pt is not None else self._start_perturbed(p, meta_params, {k: v[i] for k, v in h.items()})
                           for i, pt in enumerate(parts)]
                 stacked = particles.stack_parts(starts)
             out = particles.run(p.inner_loss, p.outer_loss, p.opt, meta_params, h, *stacked, state.t, k_steps,
