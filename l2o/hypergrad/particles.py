@@ -35,8 +35,8 @@ from torch.func import grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..optim.base import substitute
-from .estimator import split_term
-from .unroll import InnerLoss, OuterLoss, Params, weight_at
+
+from .unroll import InnerLoss, OuterLoss, Params, split_term, weight_at
 
 Part = tuple[Params, Any]
 
