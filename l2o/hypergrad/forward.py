@@ -122,7 +122,8 @@ class ForwardUnroll:
                 if s.term_hparams[name] is not None:
                     lt += float(s.term_hparams[name].detach().reshape(-1)[i])
                 self.meta_tangent[d] += float(w) * lt
-            g_tan = self._gradient_tangent(s.params, s.raw_grads, s.hparam_grads, tp, name, i) if self.second_order else {}
+            g_tan = (self._gradient_tangent(s.params, s.raw_grads, s.hparam_grads, tp, name, i)
+                     if self.second_order else {})
             self.tangents[d] = s.linear.jvp(tp, g_tan, ts, name, i)
         self.params, self.state = s.next_params, s.next_state
         if w is not None:

@@ -22,9 +22,13 @@ whereas ES (like truncated backprop) is biased unless ``K = T``. Both need no gr
 LSTM's weights and a learning rate alike. Cost per truncation: ``2N`` unrolls of ``K``
 steps, without backward passes through the steps.
 
-Particles run one after another through the shared :func:`l2o.hypergrad.unroll`
-(perturbed meta-parameters are swapped into the optimizer with
-:class:`l2o.optim.base.substitute`).
+A truncation's ``2N`` particles run as one batch (:mod:`l2o.hypergrad.particles`: the
+loss gradient and the optimizer step vmapped over the stacked particles) or one after
+another through the shared :func:`l2o.hypergrad.unroll` (perturbed meta-parameters
+swapped into the optimizer with :class:`l2o.optim.base.substitute`); both give the same
+estimate to rounding. The default batches where the particles' state is small
+(:data:`BATCH_FLOATS`) and the loss vmaps; a particle going non-finite is always handled
+by the sequential path, exactly as if there were no batching.
 """
 from __future__ import annotations
 
@@ -167,7 +171,7 @@ class PES(Estimator):
             if cached is not None and all(a is b for a, b in zip(cached[0], parts)):
                 stacked = cached[1]
             else:
-                starts = [pt if pt is not None else self._start_perturbed(p, meta_params, {k: v[i] for k, v in h.items()})
+                starts = [pt if pt is not None else self._start_perturbed(p, meta_params, _row(h, i))
                           for i, pt in enumerate(parts)]
                 stacked = particles.stack_parts(starts)
             out = particles.run(p.inner_loss, p.outer_loss, p.opt, meta_params, h, *stacked, state.t, k_steps,
@@ -194,6 +198,10 @@ class PES(Estimator):
         if saved:
             state.extra["_generator"].set_state(state.extra.pop("generator"))
         return state
+
+
+def _row(h: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {k: v[i] for k, v in h.items()}
 
 
 @register
