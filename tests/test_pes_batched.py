@@ -143,16 +143,17 @@ def test_losses_batching_cannot_reproduce_run_sequentially(why):
 
 
 def test_default_batches_small_particles_and_runs_large_ones_sequentially():
-    """``batched=None`` decides by the particles' total state (BATCH_FLOATS), so a resumed run decides alike."""
+    """``batched=None`` decides by the particles' number and total state, so a resumed run decides alike."""
     from l2o.hypergrad.pes import BATCH_FLOATS
 
-    def decided(dim: int, opt) -> bool:
+    def decided(dim: int, opt, pairs: int = 4) -> bool:
         meta = {n: p for n, p in opt.named_parameters()}
         problem = Problem(lambda p, h, t: (p["x"] ** 2).sum(), None, {"x": torch.ones(dim)}, opt, 2, [1.0, 1.0])
-        est = PES(particles=4, sigma=1e-3)
+        est = PES(particles=pairs, sigma=1e-3)
         state = est.init(problem, meta)
         return est._batch(state)
 
     lstm = l2o.optim.LSTMOptimizer(hidden=20)  # 81 floats per coordinate: h, c of two layers, and the parameter
     assert decided(10, lstm) and not decided(BATCH_FLOATS // (8 * 81) + 1, lstm)
     assert decided(BATCH_FLOATS // (8 * 81), lstm)
+    assert not decided(10, lstm, pairs=1)  # one pair: vmap costs more than it saves

@@ -52,6 +52,9 @@ from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
 # another (an LSTM on the MNIST MLP: 2.2x slower). Measured crossover on one core: 2**18-2**20 floats
 # for both the LSTM and Momentum (``benchmarks/pes_cost.py``, RESULTS.md "PES / ES meta-gradient cost").
 BATCH_FLOATS = 2 ** 19
+# ... and only from this many antithetic pairs: one pair (two particles) gains less than vmap costs
+# (Momentum's learning rate on the MNIST MLP: 1.6x slower batched with one pair, 1.6x faster with four).
+BATCH_MIN_PAIRS = 2
 
 
 @dataclass
@@ -150,7 +153,7 @@ class PES(Estimator):
         return losses
 
     def _batch(self, state: State) -> bool:
-        """Batch the particles? ``options.batched``, else by size: see :data:`BATCH_FLOATS`."""
+        """Batch the particles? ``options.batched``, else by size: see :data:`BATCH_FLOATS`, :data:`BATCH_MIN_PAIRS`."""
         if getattr(self, "_unbatchable", None) is not None:
             return False
         if self.options.batched is not None:
@@ -158,7 +161,8 @@ class PES(Estimator):
         if "_batch" not in state.extra:  # decided by sizes only, so a resumed run takes the same path
             p = state.problem
             floats = particles.floats((p.params, p.opt.init(p.params)))
-            state.extra["_batch"] = 2 * self.options.particles * floats <= BATCH_FLOATS
+            n = self.options.particles
+            state.extra["_batch"] = n >= BATCH_MIN_PAIRS and 2 * n * floats <= BATCH_FLOATS
         return state.extra["_batch"]
 
     def _batched(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
