@@ -25,6 +25,11 @@ starting state:
   sequential particle would draw its own numbers (the generator is rewound first);
 * the loss or the optimizer cannot be vmapped (``.item()``, in-place writes into
   captured tensors, data-dependent control flow): raised as :class:`Unbatchable`.
+
+One case is not detected: a loss that draws from its *own* generator on every call (not
+a replayed stream such as :class:`l2o.tasks.BatchStream`) gets one draw per step shared
+by all particles, where sequential particles would draw in turn; give such a loss
+``batched=False``.
 """
 from __future__ import annotations
 
@@ -127,6 +132,7 @@ def run(inner_loss: InnerLoss, outer_loss: OuterLoss | None, opt, meta_params: d
 
                 grads, (loss, term) = vmap(grad_and_value(loss_one, has_aux=True), randomness="same")(params, h)
                 if not _finite(loss, grads):
+                    torch.set_rng_state(rng)  # the sequential replay draws as if this never ran
                     return None
                 w = weight_at(meta_weights, t)
                 if w is not None:  # the sequential unroll's float(w) * float(term), in float64
