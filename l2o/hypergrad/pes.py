@@ -49,8 +49,9 @@ from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
 # floats of inner parameters and optimizer state. Batching saves the per-particle Python and dispatch
 # cost of every step, and wins where that dominates (small optimizees, hand-designed optimizers); once the
 # stacked state outgrows the CPU's caches the batched step is slower than the particles one after
-# another (an LSTM on the MNIST MLP: 2.2x slower). Measured crossover on one core: 2**18-2**20 floats
-# for both the LSTM and Momentum (``benchmarks/pes_cost.py``, RESULTS.md "PES / ES meta-gradient cost").
+# another (an LSTM on the MNIST MLP: 2.4x slower with 4 pairs). Crossover measured on one core: between
+# 2**17.6 and 2**19.3 floats for the LSTM, 2**17.3 and 2**20.6 for Momentum (RESULTS.md, "PES / ES
+# meta-gradient cost"; ``benchmarks/pes_cost.py`` compares both paths on a real meta-step).
 BATCH_FLOATS = 2 ** 19
 # ... and only from this many antithetic pairs: one pair (two particles) gains less than vmap costs
 # (Momentum's learning rate on the MNIST MLP: 1.6x slower batched with one pair, 1.6x faster with four).
