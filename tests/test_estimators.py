@@ -238,3 +238,15 @@ def test_pes_functional_contract():
         big = {"lr": torch.tensor(1e3, dtype=torch.float64, requires_grad=True)}
         pes(lambda p, h_, t: (p["w"] ** 4).sum(), None, params, big, l2o.optim.SGD(lr=big["lr"]), 20,
             meta_weights=[1.0] * 20)
+
+
+def test_forward_mode_stops_where_the_shared_unroll_stops():
+    """Forward mode runs the one inner step: the same losses, and the same non-finite stop, as ``unroll``."""
+    h = {"lr": torch.tensor(0.4, dtype=torch.float64, requires_grad=True)}
+    params = {"w": torch.tensor([1.0, 1.6], dtype=torch.float64)}
+    inner = lambda p, h_, t: (p["w"] ** 4).sum()
+    ref = unroll(inner, params, h, l2o.optim.SGD(lr=h["lr"]), 20, graph=False)
+    fu = l2o.hypergrad.ForwardUnroll(inner, params, h, l2o.optim.SGD(lr=h["lr"]), meta_weights=[1.0] * 20)
+    assert not ref.finite and not fu.run(20) and not fu.finite
+    assert fu.losses == ref.losses and fu.t == len(ref.losses) - 1  # stopped before the step, as unroll does
+    assert torch.equal(fu.params["w"], ref.params["w"])

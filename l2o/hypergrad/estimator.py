@@ -32,7 +32,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .unroll import InnerLoss, OuterLoss, Params
+from .unroll import InnerLoss, OuterLoss, Params, split_term  # noqa: F401 (split_term: re-exported)
 
 Grads = dict[str, torch.Tensor]
 Metrics = dict[str, float]
@@ -186,11 +186,6 @@ def make(name: str, **options: Any) -> Estimator:
     if bad:
         raise ValueError(f"estimator {name!r} has no option {bad[0]!r}; options: {', '.join(known)}")
     return cls(**options)
-
-
-def split_term(out: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, meta_term)`` from what an inner loss returned (a tensor is both)."""
-    return (out[0], out[1]) if isinstance(out, tuple) else (out, out)
 
 
 def loss_only(inner_loss: InnerLoss) -> Callable:

@@ -1,7 +1,10 @@
 """Forward-mode hypergradients (real-time hyperparameter optimization, RTHO).
 
 For every scalar meta-parameter direction ``e_i`` the tangent ``Z_t = d(params_t,
-state_t) / d lambda_i`` is carried through the same inner step as reverse mode uses.
+state_t) / d lambda_i`` is carried through the same inner step as reverse mode uses:
+:func:`l2o.hypergrad.unroll.inner_step` with ``linearize=True`` (so forward mode has the
+same loss evaluation and the same non-finite stop as every other estimator; the step also
+hands back ``dL/dlambda`` and the optimizer step linearised at that point).
 Tangents are stored as plain tensors between steps, so all directions advance in
 lock-step and the online variant can update ``lambda`` every ``K`` steps while the
 tangents keep flowing (Franceschi et al. 2017). Cost grows with the number of
@@ -33,10 +36,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..optim.base import substitute
-from .estimator import Estimator, Options, register, split_term
+from .estimator import Estimator, Options, register
 from .reverse import check_hparams
-from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, weight_at
+from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, inner_step, weight_at
 
 
 def _directions(hparams: dict[str, torch.Tensor], max_directions: int) -> list[tuple[str, int]]:
@@ -45,69 +47,6 @@ def _directions(hparams: dict[str, torch.Tensor], max_directions: int) -> list[t
         raise ValueError(f"forward mode needs one tangent per scalar meta-parameter and got {n} "
                          f"(> max_directions={max_directions}); use reverse mode, or pass max_directions={n} to insist")
     return [(k, i) for k, v in hparams.items() for i in range(v.numel())]
-
-
-def _is_float(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and x.is_floating_point()
-
-
-class _LinearizedStep:
-    """``opt.step`` at one point, ready for Jacobian-vector products (the double-vjp trick).
-
-    Inputs are ``(params, grads, float leaves of state, hparams)``; outputs the float
-    leaves of ``(new_params, new_state)``. Building the object runs the step once (its
-    result is :attr:`primal`) and one backward pass with ``create_graph``; each
-    :meth:`jvp` is then one more backward pass.
-    """
-
-    def __init__(self, opt, params: Params, grads: Params, state: Any, hparams: dict[str, torch.Tensor]) -> None:
-        self.keys, self.hkeys = list(params), list(hparams)
-        x_p = [params[k].detach().requires_grad_() for k in self.keys]
-        x_g = [grads[k].detach().requires_grad_() for k in self.keys]
-        leaves, spec = tree_flatten(state)
-        x_s = [x.detach().requires_grad_() if _is_float(x) else x for x in leaves]
-        x_h = [hparams[k].detach().requires_grad_() for k in self.hkeys]
-        mapping = {id(hparams[k]): x for k, x in zip(self.hkeys, x_h)}
-        with torch.enable_grad(), substitute(opt, mapping):
-            new_p, new_s = opt.step(dict(zip(self.keys, x_p)), dict(zip(self.keys, x_g)), tree_unflatten(x_s, spec))
-        out, self.out_spec = tree_flatten((new_p, new_s))
-        self.primal = tree_unflatten([x.detach() if isinstance(x, torch.Tensor) else x for x in out], self.out_spec)
-        self.out = out
-        self.n_p, self.n_s = len(x_p), sum(_is_float(x) for x in x_s)
-        self.ins = x_p + x_g + [x for x in x_s if _is_float(x)] + x_h
-        self.ys = [i for i, y in enumerate(out) if _is_float(y) and y.requires_grad]
-        self.u = [torch.zeros_like(out[i], requires_grad=True) for i in self.ys]
-        with torch.enable_grad():
-            self.vjp = (torch.autograd.grad([out[i] for i in self.ys], self.ins, grad_outputs=self.u,
-                                            create_graph=True, allow_unused=True)
-                        if self.ys else [None] * len(self.ins))
-
-    def jvp(self, t_params: Params, t_grads: Params, t_state: Any, name: str, i: int) -> tuple[Params, Any]:
-        """Tangent of ``(new_params, new_state)`` for input tangents and ``lambda`` direction ``(name, i)``."""
-        t_h = []
-        for k in self.hkeys:
-            if k == name:
-                e = torch.zeros_like(self.ins[-len(self.hkeys) + self.hkeys.index(k)])
-                e.view(-1)[i] = 1.0
-                t_h.append(e)
-            else:
-                t_h.append(None)
-        t_s = [x for x in tree_flatten(t_state)[0] if _is_float(x)]
-        tans = [t_params[k] for k in self.keys] + [t_grads.get(k) for k in self.keys] + t_s + t_h
-        pairs = [(v, t) for v, t in zip(self.vjp, tans) if v is not None and t is not None and v.requires_grad]
-        ju: list = [None] * len(self.u)
-        if pairs:
-            ju = list(torch.autograd.grad([v for v, _ in pairs], self.u, grad_outputs=[t for _, t in pairs],
-                                          retain_graph=True, allow_unused=True))
-        by_out = dict(zip(self.ys, ju))
-        leaves = []
-        for j, y in enumerate(self.out):
-            if _is_float(y):
-                tj = by_out.get(j)
-                leaves.append(torch.zeros_like(y).detach() if tj is None else tj.detach())
-            else:
-                leaves.append(y)
-        return tree_unflatten(leaves, self.out_spec)
 
 
 def _zeros_tree(tree: Any) -> Any:
@@ -163,43 +102,32 @@ class ForwardUnroll:
         self.meta_loss = 0.0
 
     def _step(self) -> bool:
-        """One inner step for the primal and every tangent; False (and no step) on a non-finite loss or gradient."""
-        keys, hkeys = list(self.params), list(self.hparams)
-        p = {k: v.detach().requires_grad_() for k, v in self.params.items()}
-        with torch.enable_grad():
-            loss, term = split_term(self.inner_loss(p, self.hparams, self.t))
-            wrt = [p[k] for k in keys] + [self.hparams[k] for k in hkeys]
-            # graph through the gradient only when its tangent is needed (second order)
-            g_all = torch.autograd.grad(loss, wrt, create_graph=self.second_order, allow_unused=True,
-                                        retain_graph=term is not loss or self.second_order)
-            # the meta-term's own gradient when it is not the loss (a normalised objective)
-            t_all = g_all if term is loss else torch.autograd.grad(term, wrt, allow_unused=True,
-                                                                    retain_graph=self.second_order)
-        g_p = dict(zip(keys, g_all[:len(keys)]))
-        g_h = dict(zip(hkeys, g_all[len(keys):]))
-        grads = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in g_p.items()}
-        lv = float(loss.detach())
-        self.losses.append(lv)
-        # the same non-finite stop as the reverse-mode unroll
-        if not (math.isfinite(lv) and all(bool(torch.isfinite(g).all()) for g in grads.values())):
+        """One inner step for the primal and every tangent; False (and no step) on a non-finite loss or gradient.
+
+        The step itself is the shared :func:`l2o.hypergrad.unroll.inner_step` (``linearize=True``):
+        the same loss, gradient and non-finite stop as every other estimator, which also hands
+        back ``dL/dlambda``, the meta-term's gradient and the linearised optimizer step.
+        """
+        s = inner_step(self.inner_loss, self.params, self.hparams, self.opt, self.state, self.t,
+                       second_order=self.second_order, linearize=True)
+        self.losses.append(s.value)
+        if not s.finite:
             self.finite = False
             return False
-        tg_p = {k: (g.detach() if g is not None else torch.zeros_like(p[k])) for k, g in zip(keys, t_all[:len(keys)])}
-        tg_h = dict(zip(hkeys, t_all[len(keys):]))
         w = weight_at(self.meta_weights, self.t)
-        step = _LinearizedStep(self.opt, self.params, grads, self.state, self.hparams)
         for d, (name, i) in enumerate(self.dirs):
             tp, ts = self.tangents[d]
             if w is not None:  # d term_t / d lambda_i = dterm/dparams . Z + dterm/dlambda . e_i
-                lt = sum(float((tg_p[k] * tp[k]).sum()) for k in keys)
-                if tg_h[name] is not None:
-                    lt += float(tg_h[name].detach().reshape(-1)[i])
+                lt = sum(float((s.term_params[k] * tp[k]).sum()) for k in tp)
+                if s.term_hparams[name] is not None:
+                    lt += float(s.term_hparams[name].detach().reshape(-1)[i])
                 self.meta_tangent[d] += float(w) * lt
-            g_tan = self._gradient_tangent(p, g_p, g_h, tp, name, i) if self.second_order else {}
-            self.tangents[d] = step.jvp(tp, g_tan, ts, name, i)
-        self.params, self.state = step.primal
+            g_tan = (self._gradient_tangent(s.params, s.raw_grads, s.hparam_grads, tp, name, i)
+                     if self.second_order else {})
+            self.tangents[d] = s.linear.jvp(tp, g_tan, ts, name, i)
+        self.params, self.state = s.next_params, s.next_state
         if w is not None:
-            self.meta_loss += float(w) * float(term.detach())
+            self.meta_loss += float(w) * float(s.term.detach())
         self.t += 1
         return True
 

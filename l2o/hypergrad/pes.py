@@ -22,9 +22,13 @@ whereas ES (like truncated backprop) is biased unless ``K = T``. Both need no gr
 LSTM's weights and a learning rate alike. Cost per truncation: ``2N`` unrolls of ``K``
 steps, without backward passes through the steps.
 
-Particles run one after another through the shared :func:`l2o.hypergrad.unroll`
-(perturbed meta-parameters are swapped into the optimizer with
-:class:`l2o.optim.base.substitute`).
+A truncation's ``2N`` particles run as one batch (:mod:`l2o.hypergrad.particles`: the
+loss gradient and the optimizer step vmapped over the stacked particles) or one after
+another through the shared :func:`l2o.hypergrad.unroll` (perturbed meta-parameters
+swapped into the optimizer with :class:`l2o.optim.base.substitute`); both give the same
+estimate to rounding. The default batches where the particles' state is small
+(:data:`BATCH_FLOATS`) and the loss vmaps; a particle going non-finite is always handled
+by the sequential path, exactly as if there were no batching.
 """
 from __future__ import annotations
 
@@ -35,19 +39,36 @@ from typing import Any, Sequence
 import torch
 
 from ..optim.base import substitute
+from . import particles
 from .estimator import Estimator, Options, Problem, State, register, zeros_like
 from .reverse import check_hparams
 from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
 
 
+# Default for ``batched=None``: batch the particles when all of them together hold at most this many
+# floats of inner parameters and optimizer state. Batching saves the per-particle Python and dispatch
+# cost of every step, and wins where that dominates (small optimizees, hand-designed optimizers); once the
+# stacked state outgrows the CPU's caches the batched step is slower than the particles one after
+# another (an LSTM on the MNIST MLP: 2.4x slower with 4 pairs). Crossover measured on one core: between
+# 2**17.6 and 2**19.3 floats for the LSTM, 2**17.3 and 2**20.6 for Momentum (RESULTS.md, "PES / ES
+# meta-gradient cost"; ``benchmarks/pes_cost.py`` compares both paths on a real meta-step).
+BATCH_FLOATS = 2 ** 19
+# ... and only from this many antithetic pairs: one pair (two particles) gains less than vmap costs
+# (Momentum's learning rate on the MNIST MLP: 1.6x slower batched with one pair, 1.6x faster with four).
+BATCH_MIN_PAIRS = 2
+
+
 @dataclass
 class PESOptions(Options):
     """``truncate``: steps per truncation (None: the chunk); ``sigma``: perturbation scale;
-    ``particles``: antithetic pairs (``2 * particles`` unrolls)."""
+    ``particles``: antithetic pairs (``2 * particles`` unrolls); ``batched``: run a truncation's
+    particles as one batch (True), one after another (False), or None: batched wherever the loss
+    and the optimizer vmap (measured the faster path, see ``benchmarks/pes_cost.py``)."""
 
     truncate: int | None = None
     sigma: float = 0.01
     particles: int = 8
+    batched: bool | None = None
 
 
 @register
@@ -77,6 +98,11 @@ class PES(Estimator):
         params = {k: (h[by_id[id(v)]] if id(v) in by_id else v) for k, v in problem.params.items()}
         return params, problem.opt.init(params)
 
+    def _start_perturbed(self, problem: Problem, meta_params: dict, h: dict) -> tuple[Params, Any]:
+        """:meth:`_start` with the perturbed meta-parameters in the optimizer, as the sequential path calls it."""
+        with substitute(problem.opt, {id(meta_params[k]): h[k] for k in h}):
+            return self._start(problem, meta_params, h)
+
     def _chunk(self, meta_params, state, n):
         p, o, extra = state.problem, self.options, state.extra
         K, N, sigma = min(o.truncate or n, n), o.particles, o.sigma
@@ -89,23 +115,15 @@ class PES(Estimator):
                    for k, v in accum.items()}
             for k in accum:
                 accum[k] = accum[k] + eps[k] if self.persistent else eps[k]
+            losses = self._batched(p, meta_params, theta, eps, state, k_steps, end) if self._batch(state) else None
+            if losses is None:
+                losses = self._sequential(p, meta_params, theta, eps, state, k_steps, end)
+            if losses is None:
+                state.t = end
+                return zeros_like(meta_params), math.nan, False
             diffs = torch.zeros(N, dtype=torch.float64)
-            for i in range(2 * N):
-                sign = 1.0 if i % 2 == 0 else -1.0
-                h = {k: theta[k] + sign * eps[k][i // 2] for k in theta}
-                with substitute(p.opt, {id(meta_params[k]): h[k] for k in theta}):
-                    params, opt_state = parts[i] if parts[i] is not None else self._start(p, meta_params, h)
-                    res = unroll(p.inner_loss, params, h, p.opt, k_steps, state=opt_state, start=state.t,
-                                 graph=False, meta_weights=p.meta_weights)
-                    loss = float(res.meta_loss)
-                    if res.finite and p.outer_loss is not None and state.t + k_steps == end:
-                        with torch.no_grad():
-                            loss += float(p.outer_loss(res.params, h))
-                if not (res.finite and math.isfinite(loss)):
-                    state.t = end
-                    return zeros_like(meta_params), math.nan, False
-                parts[i] = (res.params, res.state)
-                diffs[i // 2] += sign * loss
+            for i, loss in enumerate(losses):
+                diffs[i // 2] += (1.0 if i % 2 == 0 else -1.0) * loss
                 total_loss += loss / (2 * N)
             for k in grads:  # g_j = sum_i xi_i (L_i^+ - L_i^-) / (2 N sigma^2)
                 w = diffs.to(accum[k].dtype).to(accum[k].device).reshape(N, *([1] * (accum[k].dim() - 1)))
@@ -114,6 +132,65 @@ class PES(Estimator):
         # the state the caller may read: the first particle's (for logging; each particle has its own)
         state.params, state.opt_state = parts[0]
         return grads, total_loss, True
+
+    def _sequential(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
+        """One truncation, one particle after another; None (chunk given up) at the first non-finite particle."""
+        parts, losses = state.extra["particles"], []
+        for i in range(len(parts)):
+            sign = 1.0 if i % 2 == 0 else -1.0
+            h = {k: theta[k] + sign * eps[k][i // 2] for k in theta}
+            with substitute(p.opt, {id(meta_params[k]): h[k] for k in theta}):
+                params, opt_state = parts[i] if parts[i] is not None else self._start(p, meta_params, h)
+                res = unroll(p.inner_loss, params, h, p.opt, k_steps, state=opt_state, start=state.t,
+                             graph=False, meta_weights=p.meta_weights)
+                loss = float(res.meta_loss)
+                if res.finite and p.outer_loss is not None and state.t + k_steps == end:
+                    with torch.no_grad():
+                        loss += float(p.outer_loss(res.params, h))
+            if not (res.finite and math.isfinite(loss)):
+                return None
+            parts[i] = (res.params, res.state)
+            losses.append(loss)
+        return losses
+
+    def _batch(self, state: State) -> bool:
+        """Batch the particles? ``options.batched``, else by size: see :data:`BATCH_FLOATS`, :data:`BATCH_MIN_PAIRS`."""
+        if getattr(self, "_unbatchable", None) is not None:
+            return False
+        if self.options.batched is not None:
+            return self.options.batched
+        if "_batch" not in state.extra:  # decided by sizes only, so a resumed run takes the same path
+            p = state.problem
+            floats = particles.floats((p.params, p.opt.init(p.params)))
+            n = self.options.particles
+            state.extra["_batch"] = n >= BATCH_MIN_PAIRS and 2 * n * floats <= BATCH_FLOATS
+        return state.extra["_batch"]
+
+    def _batched(self, p: Problem, meta_params, theta, eps, state, k_steps: int, end: int) -> list[float] | None:
+        """One truncation of every particle as one batch (:mod:`.particles`); None: replay it sequentially."""
+        extra = state.extra
+        parts = extra["particles"]
+        h = particles.perturbed(theta, eps)
+        cached = extra.get("_stacked")
+        try:
+            if cached is not None and all(a is b for a, b in zip(cached[0], parts)):
+                stacked = cached[1]
+            else:
+                starts = [pt if pt is not None else self._start_perturbed(p, meta_params, _row(h, i))
+                          for i, pt in enumerate(parts)]
+                stacked = particles.stack_parts(starts)
+            out = particles.run(p.inner_loss, p.outer_loss, p.opt, meta_params, h, *stacked, state.t, k_steps,
+                                p.meta_weights, state.t + k_steps == end)
+        except particles.Unbatchable as exc:
+            # this loss or optimizer does not vmap: every later truncation runs one particle at a time
+            self._unbatchable = str(exc)
+            return None
+        if out is None:
+            return None
+        objective, params, leaves, spec = out
+        parts[:] = particles.unstack_parts(params, leaves, spec, len(parts))
+        extra["_stacked"] = (list(parts), (params, leaves, spec))
+        return objective.tolist()
 
     def state_dict(self, state):
         out = super().state_dict(state)
@@ -126,6 +203,10 @@ class PES(Estimator):
         if saved:
             state.extra["_generator"].set_state(state.extra.pop("generator"))
         return state
+
+
+def _row(h: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {k: v[i] for k, v in h.items()}
 
 
 @register
