@@ -163,7 +163,13 @@ class LSTMOptimizer(DifferentiableOptimizer):
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
         x, feat_state = self._features(g, state)
-        if torch.is_grad_enabled() and not self.recorded_cell:
+        # under torch.func transforms (vmap over PES particles) neither the custom autograd
+        # node nor the in-place kernel applies: every operation is recorded, as the reference
+        in_transform = torch._C._functorch.peek_interpreter_stack() is not None
+        if in_transform:
+            update, hs, cs = cell_core(x, state["h"], state["c"], self._weights(), self.hidden, self.readout,
+                                       self.output_scale, self.skip_gain)
+        elif torch.is_grad_enabled() and not self.recorded_cell:
             # one autograd node per step with a hand-written backward (lstm_fused); states
             # are [N, hidden] views of [hidden, N] storage, as in the no-graph path
             hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in state["h"]]
