@@ -12,7 +12,9 @@ What the helpers guarantee:
   that rank 0 could not read) - no rank is left waiting in a collective;
 * results do not depend on the number of processes: :meth:`Context.map` runs item ``i``
   on rank ``i % world_size`` and hands every rank the values in the original order, so
-  a mean taken afterwards is the same sum in the same order as in one process;
+  a mean taken afterwards is the same sum in the same order as in one process; likewise
+  :meth:`Context.all_gather` hands every rank all ranks' rows in order (the trainer's
+  per-member meta-gradients), never a sum whose order of additions the backend picks;
 * a lost peer (killed, crashed, or silent for ``timeout`` seconds) ends a collective with
   :class:`PeerLost`, a one-line error, instead of a hang.
 """
@@ -103,11 +105,17 @@ class Context:
         except RuntimeError as exc:  # DistBackendError, gloo "connection closed by peer", timeouts
             raise PeerLost(f"rank {self.rank}: lost contact with another process ({_reason(exc)})") from None
 
-    def all_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over the ranks in place (and return it)."""
-        if self.active:
-            self._collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
-        return flat
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` (equal shapes) stacked along dim 0 in rank order, on every rank.
+
+        A gather rather than a sum: the caller then adds in an order it fixes itself, where
+        a reduction's order of additions would depend on the backend and the world size.
+        """
+        if not self.active:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+        self._collective(lambda: dist.all_gather(parts, rows.contiguous()))
+        return torch.cat(parts)
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (any picklable object)."""

@@ -1,4 +1,4 @@
-"""torchrun entry point for the distributed tests: meta_train.py's ``main`` in float64 (the tests' dtype)."""
+"""torchrun entry point for the distributed tests: meta_train.py's ``main`` in ``L2O_TEST_DTYPE`` (default float64)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-torch.set_default_dtype(torch.float64)
+torch.set_default_dtype(getattr(torch, os.environ.get("L2O_TEST_DTYPE", "float64")))
 
 import meta_train  # noqa: E402 - after the dtype is set
 
