@@ -59,6 +59,20 @@ def default_threads(local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
+def threads_for(explicit: int | None = None, one_process: int = 1) -> int:
+    """Torch threads for this process: ``explicit`` (a ``--threads N`` flag) always wins.
+
+    Otherwise, as one of several ranks: ``L2O_THREADS`` if set, else :func:`default_threads`
+    of this machine's ranks; in one process (a launcher's world of 1 included): ``one_process``.
+    """
+    if explicit:
+        return explicit
+    world = int(os.environ["WORLD_SIZE"]) if launched() else 1
+    if world == 1:
+        return one_process
+    return int(os.environ.get("L2O_THREADS", "0")) or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
 def choose_backend(device: str, override: str | None = None) -> str:
     """gloo for CPU tensors, NCCL for CUDA ones; ``override`` must fit the device (UsageError otherwise)."""
     kind = torch.device(device).type
@@ -216,8 +230,8 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
     """Join the process group a launcher described in the environment (one process: :data:`LOCAL`).
 
     Validates ``backend`` against ``device`` even in one process (so a bad flag fails the
-    same way everywhere), picks ``cuda:LOCAL_RANK`` for CUDA, sets torch's threads to
-    ``threads``, else ``L2O_THREADS``, else :func:`default_threads`, and turns the
+    same way everywhere), picks ``cuda:LOCAL_RANK`` for CUDA, sets torch's threads
+    (:func:`threads_for`: ``threads``, an explicit ``--threads``, wins) and turns the
     launcher's SIGTERM into :class:`PeerLost`.
     """
     if not launched():
@@ -239,9 +253,7 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
     except UsageError as exc:
         chosen, problem = "gloo", exc
-    threads = threads or int(os.environ.get("L2O_THREADS", "0")) or \
-        default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads_for(threads))
     _OLD_SIGTERM.append(signal.signal(signal.SIGTERM, _stop_on_sigterm))
     try:
         dist.init_process_group(chosen, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))

@@ -361,7 +361,7 @@ def _check_outputs(cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
-        tensorboard: bool = True) -> MetaTrainer:
+        tensorboard: bool = True, threads: int | None = None) -> MetaTrainer:
     """Meta-train as configured; checkpoint every ``save_every`` meta-steps and at the end.
 
     Args:
@@ -369,6 +369,8 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         resume: continue from ``cfg.checkpoint_path`` (which must exist and agree with ``cfg``);
             without it an existing checkpoint is never overwritten.
         stop_after: stop (with a checkpoint) after this many (>= 1) meta-steps of this call.
+        threads: torch threads of each rank under torchrun (an explicit ``--threads``); None: the
+            default of :func:`l2o.distributed.threads_for`. One process keeps its own setting.
 
     Raises:
         UsageError: bad configuration or paths (found before any work).
@@ -379,7 +381,7 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
 
     # [distributed] join torchrun's group (none without torchrun); rank 0 reads the disk, decides for all
     cfg.validate()  # before joining a group: every rank refuses the same flags alike
-    ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout, threads)
     try:
         ctx.shard(cfg.meta_batch)  # a world size that does not divide the meta-batch is a usage error
         cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device))

@@ -23,10 +23,11 @@ FLAGS = ["--task", "quadratic", "--lstm-hidden", "6", "--horizon", "8", "--trunc
          "--val-seeds", "2", "--save-every", "1", "--outer-lr", "1e-2", "--meta-batch", "2", "--no-progress"]
 
 
-def torchrun(tmp_path, *args, nproc: int = 2, background: bool = False, dtype: str = "float64"):
+def torchrun(tmp_path, *args, nproc: int = 2, background: bool = False, dtype: str = "float64",
+             env: dict | None = None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
            *FLAGS, "--log-dir", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "ck.pt"), *args]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", L2O_TEST_DTYPE=dtype)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", L2O_TEST_DTYPE=dtype, **(env or {}))
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -58,9 +59,11 @@ def test_two_processes_equal_one_and_resume_with_one(tmp_path):
     """2 ranks x meta-batch 1 == 1 process x meta-batch 2 for 3 meta-steps, to the bit; it resumes in 1 process."""
     d = tmp_path / "dist"
     d.mkdir()
-    r = torchrun(d, "--meta-steps", "4", "--stop-after", "3")
+    r = torchrun(d, "--meta-steps", "4", "--stop-after", "3", "--threads", "1", env={"L2O_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("done: 3 meta-steps") == 1  # rank 0 alone reports
+    assert sorted(line for line in r.stdout.splitlines() if "torch threads" in line) == \
+        ["rank 0: 1 torch threads", "rank 1: 1 torch threads"]  # an explicit --threads wins over the defaults
     one = fit(reference(tmp_path / "one"), stop_after=3, progress=False)
     ck = torch.load(str(d / "ck.pt"), weights_only=True)
     assert ck["meta_step"] == 3 and ck["distributed"] == {"world_size": 2, "backend": "gloo"}
@@ -230,3 +233,28 @@ def test_one_process_context_is_the_identity():
     assert two.shard(4) == range(2, 4)
     with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
         two.shard(3)
+
+
+def test_threads_explicit_flag_wins_default_shares_the_cores(monkeypatch):
+    from l2o import cli, distributed
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "L2O_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(distributed, "default_threads", lambda local: 8 // local)  # an 8-core machine
+    assert distributed.threads_for(None) == 1 and distributed.threads_for(3) == 3  # one process
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: as one process
+    assert distributed.threads_for(None, one_process=1) == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert distributed.threads_for(None) == 4  # cores / this machine's ranks
+    assert distributed.threads_for(3) == 3  # an explicit --threads wins (it was overridden by cores / ranks)
+    monkeypatch.setenv("L2O_THREADS", "2")
+    assert distributed.threads_for(None) == 2 and distributed.threads_for(5) == 5
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    assert cli.set_threads(None) == 2 and cli.set_threads(7) == 7 and set_to == [2, 7]
+    import meta_train
+
+    assert meta_train.parser().parse_args([]).threads is None  # so an explicit --threads 1 can be told apart
+    assert meta_train.parser().parse_args(["--threads", "1"]).threads == 1
