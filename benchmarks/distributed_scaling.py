@@ -43,7 +43,8 @@ def worker(args: argparse.Namespace) -> None:
     from l2o.train import MetaTrainer
 
     ctx = distributed.init("cpu")
-    cfg = TrainConfig(meta_batch=2, data_dir=args.data_dir, meta_steps=args.steps + 1, seed=1)
+    cfg = TrainConfig(meta_batch=2, data_dir=args.data_dir, meta_steps=args.steps + 1, seed=1,
+                      **({"horizon": args.horizon} if args.horizon else {}))
     trainer = MetaTrainer(cfg)
     trainer.dist = ctx
     trainer.meta_step_once()  # warm-up
@@ -87,8 +88,9 @@ def members(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     runs = {"one batched unroll (earlier)": batched_meta_step,
             "one unroll per member (now)": lambda tr: tr.meta_step_once()}
-    trainers = {k: MetaTrainer(TrainConfig(meta_batch=args.meta_batch, data_dir=args.data_dir, seed=1))
-                for k in runs}
+    cfg = TrainConfig(meta_batch=args.meta_batch, data_dir=args.data_dir, seed=1, meta_steps=1000,
+                      **({"horizon": args.horizon} if args.horizon else {}))
+    trainers = {k: MetaTrainer(cfg) for k in runs}
     for k, step in runs.items():
         step(trainers[k])  # warm-up
     rates: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in runs}
@@ -104,7 +106,7 @@ def members(args: argparse.Namespace) -> None:
     now, before = rates["one unroll per member (now)"], rates["one batched unroll (earlier)"]
     for what in ("wall", "cpu"):
         for k, v in rates.items():
-            print(f"meta-batch {args.meta_batch}, 1 process, 1 thread, {k:<30} "
+            print(f"meta-batch {args.meta_batch}, horizon {cfg.horizon}, 1 process, 1 thread, {k:<30} "
                   f"{statistics.median(v[what]):.4f} meta-steps/s by {what} time (median of {args.rounds})")
         print(f"per-member / batched by {what} time: "
               f"{statistics.median(now[what]) / statistics.median(before[what]):.3f}x meta-steps/s "
@@ -114,7 +116,8 @@ def members(args: argparse.Namespace) -> None:
 def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> dict[str, float]:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), L2O_THREADS=str(threads), PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.abspath(__file__), "--worker", "--steps", str(args.steps), "--data-dir", args.data_dir]
+           os.path.abspath(__file__), "--worker", "--steps", str(args.steps), "--data-dir", args.data_dir,
+           *(["--horizon", str(args.horizon)] if args.horizon else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -145,6 +148,8 @@ def main() -> None:
     ap.add_argument("--eval-seeds", type=int, default=10)
     ap.add_argument("--tuning-seeds", type=int, default=3)
     ap.add_argument("--meta-batch", type=int, default=2, help="--part members: the meta-batch")
+    ap.add_argument("--horizon", type=int, help="--part train / members: a shorter unroll than the shipped 100 steps "
+                    "(the same steps, fewer of them: a quicker measurement of the same per-step costs)")
     ap.add_argument("--two-threads", action="store_true", help="also time 1 process with 2 torch threads")
     ap.add_argument("--out", default="/tmp/l2o_dist_bench")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -168,7 +173,8 @@ def main() -> None:
             med = {k: statistics.median(r[key] for r in v) for k, v in rates.items()}
             best1 = max(v for k, v in med.items() if k.startswith("1 proc"))
             for k, v in med.items():
-                print(f"meta-train {k:<20} {v:.3f} meta-steps/s by {what} (median of {args.rounds})")
+                print(f"meta-train (horizon {args.horizon or 100}) {k:<20} {v:.3f} meta-steps/s by {what} "
+                      f"(median of {args.rounds})")
             print(f"meta-train speed-up by {what}, 2 processes / best 1 process: "
                   f"{med['2 procs x 1 thread'] / best1:.2f}x")
     if args.part in ("eval", "both"):
