@@ -30,7 +30,7 @@ def torchrun(tmp_path, *args, nproc: int = 2, background: bool = False, dtype: s
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", L2O_TEST_DTYPE=dtype, **(env or {}))
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=900)  # a hang guard: slow on a loaded machine
 
 
 def reference(tmp_path, **kw) -> TrainConfig:
