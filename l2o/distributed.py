@@ -10,8 +10,8 @@ What the helpers guarantee:
 
 * every rank takes the same decision (a rank that saw a non-finite value, a checkpoint
   that rank 0 could not read) - no rank is left waiting in a collective;
-* results do not depend on the number of processes: :meth:`Context.map` runs item ``i``
-  on rank ``i % world_size`` and hands every rank the values in the original order, so
+* results do not depend on the number of processes: :meth:`Context.map` runs each item
+  on one rank (the next free one) and hands every rank the values in the original order, so
   a mean taken afterwards is the same sum in the same order as in one process; likewise
   :meth:`Context.all_gather` hands every rank all ranks' rows in order (the trainer's
   per-member meta-gradients), never a sum whose order of additions the backend picks;
@@ -26,7 +26,8 @@ import os
 import re
 import signal
 import socket
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -95,6 +96,10 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    _maps: int = field(default=0, repr=False)  # calls of map so far (one store key each)
+    _kv: Any = field(default=None, repr=False)
+    _prefix: str | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -155,30 +160,51 @@ class Context:
         return value
 
     def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        """``[fn(x) for x in items]``, item ``i`` computed on rank ``i % world_size``, in order on every rank.
+        """``[fn(x) for x in items]``, the items shared out among the ranks, in order on every rank.
 
-        An exception on any rank is raised on every rank (as :class:`RuntimeError` naming it
-        when it cannot travel), so no rank waits for a peer that gave up.
+        Each rank takes the next item not yet taken (a counter in the group's key-value
+        store), so a rank held up by other work (rank 0 writing the report, a busier core)
+        takes fewer: the ranks finish together. Which rank computes an item does not change
+        its value. An exception on any rank is raised on every rank (as :class:`RuntimeError`
+        naming it when it cannot travel), so no rank waits for a peer that gave up.
         """
         if not self.active:
             return [fn(x) for x in items]
-        mine: list[Any] = []
+        key = f"{self._store_prefix()}/{self._maps}"  # every rank calls map in the same sequence
+        self._maps += 1
+        mine: list[tuple[int, Any]] = []
         err = None
-        for x in items[self.rank::self.world_size]:
+        while err is None:
+            i = self._collective(lambda: self._store().add(key, 1)) - 1
+            if i >= len(items):
+                break
             try:
-                mine.append(fn(x))
+                mine.append((i, fn(items[i])))
             except Exception as exc:  # noqa: BLE001
                 err = RuntimeError(f"rank {self.rank}: {type(exc).__name__}: {exc}")
-                break
         parts: list[Any] = [None] * self.world_size
         self._collective(lambda: dist.all_gather_object(parts, (err, mine)))
         for e, _ in parts:
             if e is not None:
                 raise e
         out: list[Any] = [None] * len(items)
-        for r, (_, vals) in enumerate(parts):
-            out[r::self.world_size] = vals
+        for _, pairs in parts:
+            for i, value in pairs:
+                out[i] = value
         return out
+
+    def _store(self) -> "dist.Store":
+        """A client of the launcher's key-value store (torchrun's, or rank 0's under :func:`spawn_workers`)."""
+        if self._kv is None:
+            self._kv = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                     timeout=datetime.timedelta(seconds=self.timeout_s))
+        return self._kv
+
+    def _store_prefix(self) -> str:
+        """Rank 0's random name for this group's keys (a restarted job may meet the same store)."""
+        if self._prefix is None:
+            self._prefix = "l2o/map/" + self.broadcast(uuid.uuid4().hex if self.is_main else None)
+        return self._prefix
 
     def barrier(self) -> None:
         if self.active:
@@ -259,7 +285,7 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
         dist.init_process_group(chosen, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
         raise PeerLost(f"rank {rank}: could not join the process group ({_reason(exc)})") from None
-    ctx = Context(rank, world, local_rank, chosen)
+    ctx = Context(rank, world, local_rank, chosen, timeout_s)
     if problem is not None:
         ctx.stop_together()
         raise problem
