@@ -196,7 +196,7 @@ def test_meta_eval_workers_give_the_results_of_one_process(tmp_path, tiny_data):
     for n in (1, 2):
         out = tmp_path / f"out{n}"
         r = subprocess.run([sys.executable, os.path.join(ROOT, "meta_eval.py"), *common, "--out", str(out),
-                            "--workers", str(n)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                            "--workers", str(n)], capture_output=True, text=True, timeout=900, cwd=tmp_path,
                            env=dict(os.environ, PYTHONPATH=ROOT))
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("## quadratic") == 1  # rank 0 alone prints
