@@ -100,7 +100,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="re-tune learning rates and keep no cache")
     p.add_argument("--data-dir", metavar="DATA", help="data root (default $L2O_DATA_DIR or ./data)")
     p.add_argument("--device", default="cpu", help="torch device for tasks and optimizers (default cpu)")
-    add_threads(p)
+    add_threads(p, default=None)
     p.add_argument("--workers", type=positive, default=1, metavar="N",
                    help="processes to spread tuning and evaluation over (default 1; under torchrun its processes "
                         "are used); the results are the same as with one")

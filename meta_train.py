@@ -110,7 +110,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after N meta-steps of this invocation")
     g.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, "
                    "a plain line every 30 s otherwise)")
-    add_threads(ap)
+    add_threads(ap, default=None)
     g = ap.add_argument_group("several processes (under torchrun)")
     g.add_argument("--dist-backend", help="gloo or nccl (default: gloo on CPU, nccl on CUDA)")
     g.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
@@ -137,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    set_threads(args.threads)  # under torchrun each rank then takes cores / ranks (L2O_THREADS overrides)
+    set_threads(args.threads)  # default: 1, or under torchrun cores / ranks (L2O_THREADS); --threads N wins
     from l2o.distributed import PeerLost, env_rank
     from l2o.train import AllSkipped, fit
 
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and args.meta_steps is None and os.path.isfile(cfg.checkpoint_path):
             # a resumed run keeps its own length (a --preset paper run is not cut to the quick preset's)
             cfg.meta_steps = load_checkpoint(cfg.checkpoint_path)["config"].get("meta_steps", cfg.meta_steps)
-        trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress)
+        trainer = fit(cfg, resume=args.resume, stop_after=args.stop_after, progress=not args.no_progress,
+                      threads=args.threads)
     except (UsageError, CheckpointError, DataNotFoundError) as exc:
         if main_rank:  # one line, exit 2 (returned, so main(argv) can be called in-process)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad input"

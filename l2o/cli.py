@@ -73,18 +73,30 @@ def csv_list(kind: Callable) -> Callable[[str], list]:
     return parse
 
 
-def add_threads(p: argparse.ArgumentParser) -> None:
-    """The ``--threads`` flag every entry point has."""
-    p.add_argument("--threads", type=positive_int, default=DEFAULT_THREADS, metavar="N",
-                   help=f"torch CPU threads (default {DEFAULT_THREADS}: these small models gain ~1.2x from a "
+def add_threads(p: argparse.ArgumentParser, default: int | None = DEFAULT_THREADS) -> None:
+    """The ``--threads`` flag every entry point has.
+
+    ``default=None`` (the entry points that run under torchrun) leaves the choice to
+    :func:`set_threads`: 1 in one process, cores / processes under torchrun, while an
+    explicit ``--threads N`` wins everywhere.
+    """
+    shown = (f"{DEFAULT_THREADS} in one process; under torchrun the cores shared out among this machine's "
+             f"processes, or $L2O_THREADS" if default is None else str(default))
+    p.add_argument("--threads", type=positive_int, default=default, metavar="N",
+                   help=f"torch CPU threads (default {shown}: these small models gain ~1.2x from a "
                         f"second thread on an idle machine but run ~8x slower with it when another process "
                         f"holds a core)")
 
 
-def set_threads(n: int) -> None:
+def set_threads(n: int | None) -> int:
+    """Set torch's threads: ``n`` if given, else the default of :func:`l2o.distributed.threads_for`."""
     import torch
 
+    from .distributed import threads_for
+
+    n = threads_for(n, DEFAULT_THREADS)
     torch.set_num_threads(n)
+    return n
 
 
 def writable_dir(path: str, flag: str) -> str:

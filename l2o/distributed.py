@@ -10,9 +10,11 @@ What the helpers guarantee:
 
 * every rank takes the same decision (a rank that saw a non-finite value, a checkpoint
   that rank 0 could not read) - no rank is left waiting in a collective;
-* results do not depend on the number of processes: :meth:`Context.map` runs item ``i``
-  on rank ``i % world_size`` and hands every rank the values in the original order, so
-  a mean taken afterwards is the same sum in the same order as in one process;
+* results do not depend on the number of processes: :meth:`Context.map` runs each item
+  on one rank (the next free one) and hands every rank the values in the original order, so
+  a mean taken afterwards is the same sum in the same order as in one process; likewise
+  :meth:`Context.all_gather` hands every rank all ranks' rows in order (the trainer's
+  per-member meta-gradients), never a sum whose order of additions the backend picks;
 * a lost peer (killed, crashed, or silent for ``timeout`` seconds) ends a collective with
   :class:`PeerLost`, a one-line error, instead of a hang.
 """
@@ -24,7 +26,8 @@ import os
 import re
 import signal
 import socket
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
@@ -57,6 +60,20 @@ def default_threads(local_world_size: int) -> int:
     return max(1, cores // max(1, local_world_size))
 
 
+def threads_for(explicit: int | None = None, one_process: int = 1) -> int:
+    """Torch threads for this process: ``explicit`` (a ``--threads N`` flag) always wins.
+
+    Otherwise, as one of several ranks: ``L2O_THREADS`` if set, else :func:`default_threads`
+    of this machine's ranks; in one process (a launcher's world of 1 included): ``one_process``.
+    """
+    if explicit:
+        return explicit
+    world = int(os.environ["WORLD_SIZE"]) if launched() else 1
+    if world == 1:
+        return one_process
+    return int(os.environ.get("L2O_THREADS", "0")) or default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+
+
 def choose_backend(device: str, override: str | None = None) -> str:
     """gloo for CPU tensors, NCCL for CUDA ones; ``override`` must fit the device (UsageError otherwise)."""
     kind = torch.device(device).type
@@ -79,6 +96,10 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     backend: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    _maps: int = field(default=0, repr=False)  # calls of map so far (one store key each)
+    _kv: Any = field(default=None, repr=False)
+    _prefix: str | None = field(default=None, repr=False)
 
     @property
     def active(self) -> bool:
@@ -103,11 +124,17 @@ class Context:
         except RuntimeError as exc:  # DistBackendError, gloo "connection closed by peer", timeouts
             raise PeerLost(f"rank {self.rank}: lost contact with another process ({_reason(exc)})") from None
 
-    def all_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum ``flat`` over the ranks in place (and return it)."""
-        if self.active:
-            self._collective(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
-        return flat
+    def all_gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``rows`` (equal shapes) stacked along dim 0 in rank order, on every rank.
+
+        A gather rather than a sum: the caller then adds in an order it fixes itself, where
+        a reduction's order of additions would depend on the backend and the world size.
+        """
+        if not self.active:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(self.world_size)]
+        self._collective(lambda: dist.all_gather(parts, rows.contiguous()))
+        return torch.cat(parts)
 
     def broadcast(self, value: T) -> T:
         """Rank 0's ``value`` on every rank (any picklable object)."""
@@ -133,30 +160,51 @@ class Context:
         return value
 
     def map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
-        """``[fn(x) for x in items]``, item ``i`` computed on rank ``i % world_size``, in order on every rank.
+        """``[fn(x) for x in items]``, the items shared out among the ranks, in order on every rank.
 
-        An exception on any rank is raised on every rank (as :class:`RuntimeError` naming it
-        when it cannot travel), so no rank waits for a peer that gave up.
+        Each rank takes the next item not yet taken (a counter in the group's key-value
+        store), so a rank held up by other work (rank 0 writing the report, a busier core)
+        takes fewer: the ranks finish together. Which rank computes an item does not change
+        its value. An exception on any rank is raised on every rank (as :class:`RuntimeError`
+        naming it when it cannot travel), so no rank waits for a peer that gave up.
         """
         if not self.active:
             return [fn(x) for x in items]
-        mine: list[Any] = []
+        key = f"{self._store_prefix()}/{self._maps}"  # every rank calls map in the same sequence
+        self._maps += 1
+        mine: list[tuple[int, Any]] = []
         err = None
-        for x in items[self.rank::self.world_size]:
+        while err is None:
+            i = self._collective(lambda: self._store().add(key, 1)) - 1
+            if i >= len(items):
+                break
             try:
-                mine.append(fn(x))
+                mine.append((i, fn(items[i])))
             except Exception as exc:  # noqa: BLE001
                 err = RuntimeError(f"rank {self.rank}: {type(exc).__name__}: {exc}")
-                break
         parts: list[Any] = [None] * self.world_size
         self._collective(lambda: dist.all_gather_object(parts, (err, mine)))
         for e, _ in parts:
             if e is not None:
                 raise e
         out: list[Any] = [None] * len(items)
-        for r, (_, vals) in enumerate(parts):
-            out[r::self.world_size] = vals
+        for _, pairs in parts:
+            for i, value in pairs:
+                out[i] = value
         return out
+
+    def _store(self) -> "dist.Store":
+        """A client of the launcher's key-value store (torchrun's, or rank 0's under :func:`spawn_workers`)."""
+        if self._kv is None:
+            self._kv = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                     timeout=datetime.timedelta(seconds=self.timeout_s))
+        return self._kv
+
+    def _store_prefix(self) -> str:
+        """Rank 0's random name for this group's keys (a restarted job may meet the same store)."""
+        if self._prefix is None:
+            self._prefix = "l2o/map/" + self.broadcast(uuid.uuid4().hex if self.is_main else None)
+        return self._prefix
 
     def barrier(self) -> None:
         if self.active:
@@ -208,8 +256,8 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
     """Join the process group a launcher described in the environment (one process: :data:`LOCAL`).
 
     Validates ``backend`` against ``device`` even in one process (so a bad flag fails the
-    same way everywhere), picks ``cuda:LOCAL_RANK`` for CUDA, sets torch's threads to
-    ``threads``, else ``L2O_THREADS``, else :func:`default_threads`, and turns the
+    same way everywhere), picks ``cuda:LOCAL_RANK`` for CUDA, sets torch's threads
+    (:func:`threads_for`: ``threads``, an explicit ``--threads``, wins) and turns the
     launcher's SIGTERM into :class:`PeerLost`.
     """
     if not launched():
@@ -231,15 +279,13 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
     except UsageError as exc:
         chosen, problem = "gloo", exc
-    threads = threads or int(os.environ.get("L2O_THREADS", "0")) or \
-        default_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads_for(threads))
     _OLD_SIGTERM.append(signal.signal(signal.SIGTERM, _stop_on_sigterm))
     try:
         dist.init_process_group(chosen, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as exc:
         raise PeerLost(f"rank {rank}: could not join the process group ({_reason(exc)})") from None
-    ctx = Context(rank, world, local_rank, chosen)
+    ctx = Context(rank, world, local_rank, chosen, timeout_s)
     if problem is not None:
         ctx.stop_together()
         raise problem

@@ -6,7 +6,8 @@ optimizees (new problem, initialisation and batch order, all derived from
 estimator from :mod:`l2o.hypergrad` (``--method``: truncated, reverse, forward,
 implicit, pes, es), which returns a meta-gradient every ``update_every`` inner steps:
 
-    estimate -> (all-reduce) -> clip -> outer step -> log -> checkpoint
+    estimate (per member) -> mean over the meta-batch (gathered from all ranks) -> clip -> outer step
+    -> log -> checkpoint
 
 ``update_every`` is ``--online`` if given, else what the optimizer asks for
 (``opt.default_update_every``: once per run for a few hyperparameters, every
@@ -16,10 +17,12 @@ Checkpoints fall between meta-steps, where no run is in flight: a run's estimato
 ``(seed, meta_step)``, so a resumed run is bit-exact; ``Estimator.state_dict`` carries
 that state for an outer loop that stops inside a run.
 
-The meta-batch is one "super-optimizee" whose parameters are the union of the
-members' (keys ``"b/name"``) and whose loss is their sum: a coordinatewise optimizer
-then sees exactly each member's own gradient, members may be different tasks of a
-family (different sizes), and the LSTM processes all coordinates in one batch.
+Each member of the meta-batch is its own inner run, and the members' meta-gradients are
+averaged in float64 in member order, so a member's contribution has the same bits whichever
+process computes it and the learned weights do not depend on the number of processes
+(:meth:`MetaTrainer.problem` can still merge members into one "super-optimizee" whose
+parameters are the union of theirs, keys ``"b/name"``, and whose loss is their sum).
+Members may be different tasks of a family (different sizes).
 Objectives: ``sum_train`` (sum over steps of the members' mean loss), ``final_train`` /
 ``final_test`` (mean loss at the end of each update chunk), ``normalised`` (mean over
 steps and members of ``log(loss_t / loss_0)``: scale-free, so no task of a family dominates).
@@ -211,18 +214,22 @@ class MetaTrainer:
 
     # ------------------------------------------------------------------ one meta-step
     def meta_step_once(self, log: Callable[[str, float, int], None] | None = None) -> dict[str, float]:
-        """Run one inner run with its outer updates; returns figures for logging."""
+        """Run one inner run per member with their outer updates; returns figures for logging."""
         self._enter_phase()
-        problem = self.problem(self._members(self.meta_step))
-        gen = seeded(TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100, 4)  # perturbations (PES, ES)
-        est, state = self.estimator, self.estimator.init(problem, self.meta_params, gen)
+        est, seed = self.estimator, TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100
+        # one run per member (each with the same perturbation stream, PES / ES): a member's meta-gradient
+        # is then computed alike in one process and under torchrun, whatever else shares its process
+        runs = [est.init(self.problem([m]), self.meta_params, seeded(seed, 4)) for m in self._members(self.meta_step)]
         meta_losses, norms, skipped = [], [], 0
-        while not est.done(state):
-            grads, metrics, state = est.estimate(self.meta_params, state)
-            ok = bool(metrics["finite"]) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+        while not est.done(runs[0]):
+            rows = []
+            for i, state in enumerate(runs):
+                grads, metrics, runs[i] = est.estimate(self.meta_params, state)
+                rows.append((grads, metrics["meta_loss"],
+                             bool(metrics["finite"]) and all(bool(torch.isfinite(g).all()) for g in grads.values())))
             # [distributed] every update goes through _apply, non-finite ones included, so that all
-            # ranks meet in the same all-reduce and take the same decision
-            ok, ml, norm = self._apply(grads, metrics["meta_loss"], ok)
+            # ranks meet in the same collective and take the same decision
+            ok, ml, norm = self._apply(*self._combine(rows))
             if not ok:
                 skipped += 1
                 break
@@ -235,15 +242,10 @@ class MetaTrainer:
 
     def _apply(self, grads: dict[str, torch.Tensor], meta_loss: float = 0.0, ok: bool = True
                ) -> tuple[bool, float, float]:
-        """Clip and take the outer step; returns ``(stepped, meta_loss, pre-clipping norm)``.
+        """Clip and take the outer step with the meta-batch's mean meta-gradient.
 
-        [distributed] Under torchrun the meta-gradients, meta-losses and non-finite flags are
-        first summed over the ranks: each rank holds the mean over its equal share of the
-        meta-batch, so the mean of the ranks' values is the whole meta-batch's mean, and a
-        non-finite value on any rank makes every rank skip the update.
+        Returns ``(stepped, meta_loss, pre-clipping norm)``; nothing changes when ``ok`` is False.
         """
-        if self.dist.active:
-            grads, meta_loss, ok = self._all_reduce(grads, meta_loss, ok)
         if not ok:
             return False, meta_loss, math.nan
         norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
@@ -257,19 +259,32 @@ class MetaTrainer:
         self.last_grads = grads
         return True, meta_loss, norm
 
-    def _all_reduce(self, grads: dict[str, torch.Tensor], meta_loss: float, ok: bool
-                    ) -> tuple[dict[str, torch.Tensor], float, bool]:
-        """[distributed] One all_reduce of ``[grads..., meta_loss, non-finite flag]`` in float64."""
+    def _combine(self, rows: list[tuple[dict[str, torch.Tensor], float, bool]]
+                 ) -> tuple[dict[str, torch.Tensor], float, bool]:
+        """The meta-batch's mean of the members' ``(grads, meta_loss, finite)``; one collective under torchrun.
+
+        Each member becomes one float64 row ``[grads..., meta_loss, non-finite flag]`` (zeros
+        with the flag set if it is not finite); [distributed] the rows of all ranks are gathered
+        in member order, so every rank, and one process holding the whole meta-batch, adds the
+        same rows in the same order and divides by the meta-batch: the same bits for any number
+        of processes. A non-finite member anywhere makes every rank skip the update.
+        """
         hp = self.meta_params
         device = next(iter(hp.values())).device
-        parts = [(grads[k] if ok else torch.zeros_like(p)).detach().reshape(-1).double() for k, p in hp.items()]
-        tail = torch.tensor([meta_loss if ok else 0.0, 0.0 if ok else 1.0], dtype=torch.float64, device=device)
-        flat = self.dist.all_sum(torch.cat([x.to(device) for x in parts] + [tail]))
-        world, out, i = self.dist.world_size, {}, 0
+        table = torch.stack([torch.cat(
+            [(g[k] if ok else torch.zeros_like(p)).detach().reshape(-1).double().to(device) for k, p in hp.items()]
+            + [torch.tensor([ml if ok else 0.0, 0.0 if ok else 1.0], dtype=torch.float64, device=device)])
+            for g, ml, ok in rows])
+        table = self.dist.all_gather(table)  # [meta_batch, n + 2], global member order
+        total = table[0].clone()
+        for row in table[1:]:  # one fixed order of additions (a reduction kernel may pick its own)
+            total += row
+        total /= table.shape[0]
+        out, i = {}, 0
         for k, p in hp.items():
-            out[k] = (flat[i:i + p.numel()] / world).view_as(p).to(p.dtype)
+            out[k] = total[i:i + p.numel()].view_as(p).to(p.dtype)
             i += p.numel()
-        return out, float(flat[-2]) / world, float(flat[-1]) == 0.0
+        return out, float(total[-2]), float(total[-1]) == 0.0
 
     # ------------------------------------------------------------------ validation
     def _scores(self, opt, seeds) -> dict[str, list[float]]:
@@ -373,7 +388,7 @@ def _check_outputs(cfg: TrainConfig) -> None:
 
 
 def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, progress: bool = True,
-        tensorboard: bool = True) -> MetaTrainer:
+        tensorboard: bool = True, threads: int | None = None) -> MetaTrainer:
     """Meta-train as configured; checkpoint every ``save_every`` meta-steps and at the end.
 
     Args:
@@ -381,6 +396,8 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         resume: continue from ``cfg.checkpoint_path`` (which must exist and agree with ``cfg``);
             without it an existing checkpoint is never overwritten.
         stop_after: stop (with a checkpoint) after this many (>= 1) meta-steps of this call.
+        threads: torch threads of each rank under torchrun (an explicit ``--threads``); None: the
+            default of :func:`l2o.distributed.threads_for`. One process keeps its own setting.
 
     Raises:
         UsageError: bad configuration or paths (found before any work).
@@ -391,7 +408,7 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
 
     # [distributed] join torchrun's group (none without torchrun); rank 0 reads the disk, decides for all
     cfg.validate()  # before joining a group: every rank refuses the same flags alike
-    ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout)
+    ctx = distributed.init(cfg.device, cfg.dist_backend, cfg.dist_timeout, threads)
     try:
         ctx.shard(cfg.meta_batch)  # a world size that does not divide the meta-batch is a usage error
         cfg = dataclasses.replace(cfg, device=distributed.device_for(ctx, cfg.device))
