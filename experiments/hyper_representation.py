@@ -202,6 +202,9 @@ class HyperRepresentation:
         torch.manual_seed(args.seed)
         self.net = representation(args.arch, args.hidden)
         self.init = {k: v.detach().clone() for k, v in self.net.named_parameters()}
+        # baseline (a)'s classifier, drawn here so that every pretrain call starts from the same one
+        classifier = nn.Linear(args.hidden[-1], len(self.train.pools))
+        self.cls_init = {f"cls.{k}": v.detach() for k, v in classifier.named_parameters()}
 
     def features(self, rep: dict | None, x: torch.Tensor) -> torch.Tensor:
         """``h(x)`` for images ``x`` [..., 1, 28, 28] -> [..., d]; the raw pixels when ``rep`` is None."""
@@ -230,8 +233,7 @@ class HyperRepresentation:
         Adam (library unroll, no graph) to the largest of ``--pretrain-steps``; the representation (classifier
         dropped) after each candidate number of steps."""
         a = self.args
-        classifier = nn.Linear(a.hidden[-1], len(self.train.pools))
-        params = {**self.init, **{f"cls.{k}": v.detach() for k, v in classifier.named_parameters()}}
+        params = {**self.init, **self.cls_init}
         gen, snaps = seeded(a.seed, 5), {}
         strip = lambda p: {k: v.detach().clone() for k, v in p.items() if not k.startswith("cls.")}  # noqa: E731
 
