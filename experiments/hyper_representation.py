@@ -23,7 +23,7 @@ supervised) measured below raw pixels on digits 5-9.
 Meta-training episodes (default ``--train-shots 5``): 5-shot, one representation and inner
 learning rate for every test shot. A representation meta-trained on 1-shot episodes
 (``--train-shots same``, one meta-training per test shot, the literature's usual protocol) only
-tied the supervised baseline in 1-shot; the one meta-trained on 5-shot episodes is about 1.5
+tied the supervised baseline in 1-shot; the one meta-trained on 5-shot episodes is about 1.7
 points better at 1-shot test episodes (measured on 500 test episodes; a likely reason, not
 measured: a 1-shot episode's head, fit on 5 support images, gives a noisier hypergradient),
 and it is the 5-shot run's representation anyway, so one meta-training serves both.
