@@ -124,6 +124,28 @@ def test_reverse_hypergradient_matches_finite_differences(hr):
     assert not torch.allclose(trunc["log_lr"], seg.grads["log_lr"], rtol=1e-3)
 
 
+class _NoWriter:
+    def add_scalar(self, *args) -> None:
+        pass
+
+
+def test_supervised_snapshots_are_the_shorter_runs(hr, episode_data):
+    """pretrain's representation after t steps of one long run equals a run of t steps; the classifier is dropped."""
+    args = hr.build_parser().parse_args(["--quick", "--data-dir", episode_data, "--pretrain-steps", "4,2,1"])
+    hr.resolve(args)
+    prob = hr.HyperRepresentation(args)
+    snaps = prob.pretrain(_NoWriter())
+    assert sorted(snaps) == [1, 2, 4] and set(snaps[4]) == set(prob.init)
+    args.pretrain_steps = [2]
+    (short,) = prob.pretrain(_NoWriter()).values()
+    assert all(torch.equal(short[k], snaps[2][k]) for k in short)
+    assert not torch.equal(snaps[1]["1.weight"], snaps[2]["1.weight"])
+    assert not torch.equal(snaps[2]["1.weight"], snaps[4]["1.weight"])
+    rep, lr, pick = prob.pick_supervised(snaps, 1)
+    assert pick["pretrain_steps"] in (1, 2, 4) and rep is snaps[pick["pretrain_steps"]] and lr in hr.LR_GRID
+    assert pick["val_accuracy"][str(pick["pretrain_steps"])] == max(pick["val_accuracy"].values())
+
+
 def test_interval(hr):
     r = hr.interval(torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert r["mean"] == 0.5 and r["n"] == 4
@@ -138,18 +160,29 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
     with open(os.path.join(out, "results.json")) as fh:
         saved = json.load(fh)
     assert saved == json.loads(json.dumps(result)) and "--quick" in saved["command"]
-    assert saved["shots"] == [1, 5] and set(saved["by_shot"]) == {"1", "5"}
+    assert saved["shots"] == [1, 5] and set(saved["by_shot"]) == {"1", "5"} and saved["train_shots"] == 5
     methods = {"hyper_reverse", "hyper_truncated", "supervised", "random", "pixels"}
     for shot in ("1", "5"):
         r = saved["by_shot"][shot]
         assert set(r["methods"]) == methods and set(r["paired_difference"]) == {"supervised", "random", "pixels"}
         for m in r["methods"].values():
             assert 0.0 <= m["mean"] <= 1.0 and m["ci95"] >= 0 and m["n"] == 12 and m["inner_lr"] > 0
+        assert r["methods"]["hyper_reverse"]["meta_trained_shots"] == 5
+        assert r["methods"]["supervised"]["pretrain_steps"] in (2, 4)
         for c in r["curves"].values():
             assert [p[0] for p in c] == [0, 2, 4] and all(0.0 <= p[1] <= 1.0 for p in c)
         assert r["curves"]["hyper_reverse"][0] == r["curves"]["hyper_truncated"][0]  # same start, same episodes
         assert r["methods"]["random"]["inner_lr"] in hr.LR_GRID
         assert isinstance(r["beats_every_baseline"], bool)
+    one, five = (saved["by_shot"][k]["methods"]["hyper_reverse"] for k in ("1", "5"))
+    assert one["inner_lr"] == five["inner_lr"]  # one meta-trained representation for both test shots
+
+
+def test_quick_run_meta_trains_one_representation_per_shot(hr, episode_data, tmp_path):
+    result = hr.main(["--quick", "--data-dir", episode_data, "--out", str(tmp_path), "--train-shots", "same"])
+    one, five = (result["by_shot"][k]["methods"]["hyper_reverse"] for k in ("1", "5"))
+    assert result["train_shots"] == "same" and one["meta_trained_shots"] == 1 and five["meta_trained_shots"] == 5
+    assert one["inner_lr"] != five["inner_lr"]  # two runs, each learns its own
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -158,6 +191,8 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
     (["--ways", "11"], "--ways 11 is more than the 10 test classes"),
     (["--ways", "6", "--split", "digits"], "--ways 6 is more than the 5 test classes"),
     (["--shots", "1,x"], "comma-separated"),
+    (["--train-shots", "0"], "--train-shots"),
+    (["--train-shots", "400"], "meta-training episodes need 402 images"),
 ])
 def test_bad_input_exits_2_with_one_line(hr, episode_data, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
