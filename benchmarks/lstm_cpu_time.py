@@ -19,6 +19,7 @@ import l2o
 from l2o.hypergrad import segments
 from l2o.optim import lstm_kernel
 from l2o.tasks import seeded
+from speed_cases import warm_lstm_state  # benchmarks/ is the script's folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,12 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = [task.batch("train", gen) for _ in range(20)]
     opt = l2o.load_optimizer(args.checkpoint)
     hp = dict(opt.named_parameters())
-    p = {k: v.clone().requires_grad_() for k, v in params.items()}
-    grads = dict(zip(p, torch.autograd.grad(task.loss(p, batches[0]), list(p.values()))))
-    with torch.no_grad():
-        state = opt.init(params)
-        for _ in range(5):
-            _, state = opt.step(params, grads, state)
+    grads, state = warm_lstm_state(task, params, batches[0], opt)
     a, b = torch.randn(15910, 40), torch.randn(40, 80)
 
     def mm():

@@ -54,16 +54,22 @@ def l2o_loop(task, params, batches, opt, graph=False):
 
 
 # ----------------------------------------------------------------------------- lstm
-def lstm(args, device, compare, row, header):
-    task, params, batches = mnist(args, device)
-    opt = l2o.load_optimizer(args.checkpoint).to(device)
-    n = sum(v.numel() for v in params.values())
+def warm_lstm_state(task, params, batch, opt):
+    """One real gradient and the optimizer's state after 5 steps on it (the step timings start there)."""
     p = {k: v.clone().requires_grad_() for k, v in params.items()}
-    grads = dict(zip(p, torch.autograd.grad(task.loss(p, batches[0]), list(p.values()))))
+    grads = dict(zip(p, torch.autograd.grad(task.loss(p, batch), list(p.values()))))
     with torch.no_grad():
         state = opt.init(params)
         for _ in range(5):
             _, state = opt.step(params, grads, state)
+    return grads, state
+
+
+def lstm(args, device, compare, row, header):
+    task, params, batches = mnist(args, device)
+    opt = l2o.load_optimizer(args.checkpoint).to(device)
+    n = sum(v.numel() for v in params.values())
+    grads, state = warm_lstm_state(task, params, batches[0], opt)
     n_in = opt.cells[0].in_features - opt.hidden
     macs = sum(c.in_features * c.out_features for c in opt.cells) + opt.out.in_features * opt.out.out_features
     macs += opt.skip.in_features * opt.skip.out_features if opt.readout == "dir_mag" else 0
