@@ -251,6 +251,17 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise PeerLost("stopped by the launcher (SIGTERM): another process failed or the job was cancelled")
 
 
+def check_gpus(backend: str, per_node: int, gpus: int) -> None:
+    """NCCL refuses two ranks on one GPU, deep inside its first collective: say so up front.
+
+    Raises:
+        UsageError: ``backend`` is ``nccl`` and this node runs more processes than it has GPUs.
+    """
+    if backend == "nccl" and per_node > gpus:
+        raise UsageError(f"NCCL needs one GPU per process: {per_node} processes on this node, {gpus} GPU(s); "
+                         f"start at most {gpus} per node (--nproc_per_node) or pass --dist-backend gloo")
+
+
 def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
          threads: int | None = None) -> Context:
     """Join the process group a launcher described in the environment (one process: :data:`LOCAL`).
@@ -276,7 +287,9 @@ def init(device: str = "cpu", backend: str | None = None, timeout_s: float = DEF
         if torch.device(device).type == "cuda":
             if not torch.cuda.is_available():
                 raise UsageError(f"--device {device} asked for, but CUDA is not available here")
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            gpus = torch.cuda.device_count()
+            check_gpus(chosen, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gpus)
+            torch.cuda.set_device(local_rank % gpus)
     except UsageError as exc:
         chosen, problem = "gloo", exc
     torch.set_num_threads(threads_for(threads))

@@ -221,6 +221,16 @@ def test_backend_must_fit_the_device_even_in_one_process(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "ck.pt") and not os.path.exists(tmp_path / "runs")
 
 
+def test_nccl_needs_a_gpu_per_process_on_the_node():
+    from l2o import distributed
+
+    distributed.check_gpus("nccl", 1, 1)
+    distributed.check_gpus("nccl", 4, 8)
+    distributed.check_gpus("gloo", 4, 1)  # gloo shares one GPU among processes
+    with pytest.raises(distributed.UsageError, match="2 processes on this node, 1 GPU"):
+        distributed.check_gpus("nccl", 2, 1)
+
+
 def test_one_process_context_is_the_identity():
     from l2o import distributed
 
