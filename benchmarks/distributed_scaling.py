@@ -113,12 +113,26 @@ def members(args: argparse.Namespace) -> None:
               f"(round ratios: {', '.join(f'{a / b:.3f}' for a, b in zip(now[what], before[what]))})")
 
 
+def _pythonpath() -> str:
+    """The repository first, then whatever the caller's PYTHONPATH already held (packages installed there)."""
+    return os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a launch; on failure stop with the end of its stderr instead of a bare exit status."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-15:])
+        sys.exit(f"distributed_scaling: {' '.join(cmd[:6])} ... exited with {r.returncode}:\n{tail}")
+    return r
+
+
 def launch_train(nproc: int, threads: int, args: argparse.Namespace) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), L2O_THREADS=str(threads), PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), L2O_THREADS=str(threads), PYTHONPATH=_pythonpath())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.abspath(__file__), "--worker", "--steps", str(args.steps), "--data-dir", args.data_dir,
            *(["--horizon", str(args.horizon)] if args.horizon else [])]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    r = _run(cmd, env)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -128,7 +142,7 @@ def launch_eval(workers: int, args: argparse.Namespace, out: str) -> tuple[float
            "--tasks", args.eval_tasks, "--seeds", str(args.eval_seeds), "--tuning-seeds", str(args.tuning_seeds),
            "--data-dir", args.data_dir, "--out", out, "--overwrite", "--workers", str(workers)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, check=True)
+    _run(cmd, dict(os.environ, PYTHONPATH=_pythonpath()))
     wall = time.perf_counter() - t0
     with open(os.path.join(out, "results.json")) as fh:
         return wall, json.load(fh)["config"]["runtime_s"]
