@@ -169,9 +169,11 @@ class LSTMOptimizer(DifferentiableOptimizer):
         if in_transform:
             update, hs, cs = cell_core(x, state["h"], state["c"], self._weights(), self.hidden, self.readout,
                                        self.output_scale, self.skip_gain)
-        elif torch.is_grad_enabled() and not self.recorded_cell:
+        elif torch.is_grad_enabled() and not self.recorded_cell and g.device.type == "cpu":
             # one autograd node per step with a hand-written backward (lstm_fused); states
-            # are [N, hidden] views of [hidden, N] storage, as in the no-graph path
+            # are [N, hidden] views of [hidden, N] storage, as in the no-graph path. CPU only:
+            # on a GPU its backward's extra small kernels made the meta-unroll 1.12x slower
+            # than the recorded cell (benchmarks/RESULTS.md)
             hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in state["h"]]
             cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in state["c"]]
             out = FusedCell.apply((self.hidden, self.layers, self.readout, self.output_scale, self.skip_gain),
