@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as exc:
-        print(f"\n{PROG}: {exc or 'interrupted'}", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C reaches every rank; rank 0 alone writes, so it alone says what was kept
+        if main_rank:
+            print(f"\n{PROG}: {exc or 'interrupted'}", file=sys.stderr)
         return 130
     if not main_rank:
         return 0

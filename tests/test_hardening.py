@@ -120,3 +120,22 @@ def test_ctrl_c_message_says_what_the_checkpoint_holds(tmp_path, monkeypatch):
         fit(cfg, progress=False)
     assert checkpoint.load(cfg.checkpoint_path)["meta_step"] == 2
     assert cfg.checkpoint_path == os.path.join(str(tmp_path / "runs"), "lstm_quadratic", "checkpoint.pt")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_under_torchrun_only_rank_0_reports(tmp_path, monkeypatch, capsys, rank):
+    import meta_train
+
+    from l2o import train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt("interrupted at meta-step 30; the checkpoint 'ck.pt' holds meta-step 25")
+
+    monkeypatch.setattr(train, "fit", interrupted)
+    monkeypatch.setenv("RANK", rank)
+    code = meta_train.main(["--task", "quadratic", "--no-progress", "--log-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 130
+    # every rank sees the Ctrl-C, but only rank 0 writes the checkpoint and may say what it holds
+    assert (err == "meta_train.py: interrupted at meta-step 30; the checkpoint 'ck.pt' holds meta-step 25") \
+        if rank == "0" else err == "", err
