@@ -176,6 +176,9 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
             h = r["methods"][m]
             assert h["meta_trained_shots"] == 5 and h["init"] == "supervised" and h["meta_lr"] in (1e-3, 1e-2)
             assert set(h["val_by_meta_lr"]) == {"0.001", "0.01"}
+            # test-time inner lr: picked on the grid like the baselines'; the learned one is reported beside
+            assert h["inner_lr"] in hr.LR_GRID and h["learned_inner_lr"] > 0
+            assert h["with_learned_lr"]["n"] == 12 and 0.0 <= h["with_learned_lr"]["mean"] <= 1.0
             # the picked (meta lr, meta-step) is the best validation point of the runs, on the drawn curve
             assert h["val_accuracy"] == max(h["val_by_meta_lr"].values())
             assert [h["meta_steps_picked"], h["val_accuracy"]] in r["val_curves"][m]
