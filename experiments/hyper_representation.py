@@ -28,7 +28,8 @@ on 5-shot episodes; every ``--eval-every`` meta-steps (step 0, the supervised st
 the validation episodes of each test shot score the snapshot, and the (meta lr, meta-steps)
 with the best score is that shot's hyper-representation: chosen like baseline (a)'s training
 length. Its test-time inner lr, like every baseline's, is then picked from the grid on the
-validation episodes (the meta-learned lr, fit to the meta-training classes, is reported beside). ``--init random`` starts from the random initialisation and ``--lr`` (FAR-HO's
+validation episodes (the meta-learned lr, fit to the meta-training classes, is reported
+beside). ``--init random`` starts from the random initialisation and ``--lr`` (FAR-HO's
 setting); ``--train-shots same`` meta-trains one per test shot on its own shot count.
 
 Baselines, on the very same test episodes, each with the same head fit (T steps from zero)
@@ -66,7 +67,7 @@ TRAIN_CLASSES, TEST_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 SPLITS = {"digits": ["mnist"], "mixed": ["mnist", "fashion_mnist"]}  # classes 0-4 of each set train, 5-9 test
 LR_GRID = [10.0 ** (e / 2) for e in range(-6, 5)]  # 1e-3 .. 1e2, half decades
 DEFAULTS = dict(meta_steps=300, meta_batch=16, queries=15, hidden=[512], pretrain_steps=[300, 600, 1200, 2400],
-                meta_lr=[1e-4, 3e-4, 1e-3], test_episodes=5000, val_episodes=200, monitor_episodes=150, eval_every=30)
+                meta_lr=[1e-4, 3e-4, 1e-3], test_episodes=3000, val_episodes=200, monitor_episodes=150, eval_every=30)
 QUICK = dict(meta_steps=4, meta_batch=2, queries=2, hidden=[16, 8], pretrain_steps=[2, 4], meta_lr=[1e-3, 1e-2],
              test_episodes=12, val_episodes=6, monitor_episodes=6, eval_every=2)
 
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=common.int_list,
                    help="comma-separated candidate steps (batch 128) of baseline (a)'s classification training; "
                         "one run to the largest, the validation episodes pick (default 300,600,1200,2400)")
-    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 5000)")
+    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 3000)")
     p.add_argument("--val-episodes", type=common.positive_int, help="validation episodes per lr (default 200)")
     p.add_argument("--monitor-episodes", type=common.positive_int,
                    help="test-class episodes of the accuracy-vs-meta-step curve (default 150)")
@@ -242,18 +243,25 @@ class HyperRepresentation:
 
     def accuracy(self, rep: dict | None, lr: float, eps: Episodes, shots: int, n: int, seed: int) -> torch.Tensor:
         """Query accuracy of each of ``n`` episodes after the T-step head fit (no graph)."""
-        a, out = self.args, []
+        return self.accuracies(rep, [lr], eps, shots, n, seed)[0]
+
+    def accuracies(self, rep: dict | None, lrs: list[float], eps: Episodes, shots: int, n: int,
+                   seed: int) -> list[torch.Tensor]:
+        """:meth:`accuracy` at each inner lr of ``lrs``, on the same episodes (features computed once)."""
+        a, out = self.args, [[] for _ in lrs]
         for xs, ys, xq, yq in eps.chunks(n, a.ways, shots, a.queries, seed):
             with torch.no_grad():
                 fs, fq = self.features(rep, xs), self.features(rep, xq)
             inner, _, p0, logits = head_problem(fs, ys, fq, yq, a.ways)
-            head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
-            out.append((logits(head, fq).argmax(-1) == yq).to(fq.dtype).mean(-1))
-        return torch.cat(out)
+            for acc, lr in zip(out, lrs):
+                head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
+                acc.append((logits(head, fq).argmax(-1) == yq).to(fq.dtype).mean(-1))
+        return [torch.cat(acc) for acc in out]
 
     def tune_lr(self, rep: dict | None, shots: int) -> tuple[float, float]:
         """The grid learning rate with the best validation accuracy (training classes, held-out images), and that accuracy."""
-        scores = [float(self.accuracy(rep, lr, self.val, shots, self.args.val_episodes, 11).mean()) for lr in LR_GRID]
+        accs = self.accuracies(rep, LR_GRID, self.val, shots, self.args.val_episodes, 11)
+        scores = [float(acc.mean()) for acc in accs]
         best = max(range(len(LR_GRID)), key=scores.__getitem__)
         return LR_GRID[best], scores[best]
 
@@ -370,14 +378,16 @@ def run(args: argparse.Namespace) -> dict:
         reps = {**{m: (r["best"][k]["rep"], prob.tune_lr(r["best"][k]["rep"], k)[0]) for m, r in picked.items()},
                 "supervised": (sup_rep, sup_lr),
                 **{m: (rep, prob.tune_lr(rep, k)[0]) for m, rep in (("random", prob.init), ("pixels", None))}}
-        accs = {m: prob.accuracy(rep, lr, prob.test, k, args.test_episodes, 13) for m, (rep, lr) in reps.items()}
+        accs, learned = {}, {}
+        for m, (rep, lr) in reps.items():  # the hyper-representations also at their learned lr, same episodes
+            lrs = [lr, picked[m]["best"][k]["lr"]] if m in picked else [lr]
+            accs[m], *learned[m] = prob.accuracies(rep, lrs, prob.test, k, args.test_episodes, 13)
         methods = {m: {**interval(acc), "inner_lr": reps[m][1]} for m, acc in accs.items()}
         methods["supervised"].update(sup_pick)
         for m, r in picked.items():
             b = r["best"][k]
-            learned = prob.accuracy(b["rep"], b["lr"], prob.test, k, args.test_episodes, 13)
             methods[m].update(meta_trained_shots=train_k, init=args.init, meta_lr=r["meta_lr"],
-                              learned_inner_lr=b["lr"], with_learned_lr=interval(learned),
+                              learned_inner_lr=b["lr"], with_learned_lr=interval(learned[m][0]),
                               meta_steps_picked=b["meta_steps"], val_accuracy=b["val_accuracy"],
                               val_by_meta_lr={f"{x['meta_lr']:g}": x["best"][k]["val_accuracy"]
                                               for x in trained[train_k, args.steps if m == "hyper_reverse"

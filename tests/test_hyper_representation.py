@@ -210,6 +210,8 @@ def test_meta_training_from_supervised_starts_at_its_representation(hr, episode_
     hr.resolve(args)
     prob = hr.HyperRepresentation(args)
     rep, lr, _ = prob.pick_supervised(prob.pretrain(_NoWriter()), 5)
+    both = prob.accuracies(rep, [lr, 3 * lr], prob.test, 5, 7, 12)  # features once, the same as one lr at a time
+    assert all(torch.equal(b, prob.accuracy(rep, x, prob.test, 5, 7, 12)) for b, x in zip(both, [lr, 3 * lr]))
     kept = {k: v.clone() for k, v in rep.items()}
     run = prob.meta_train(5, args.steps, 1e-2, "t", _NoWriter(), rep, lr)
     assert all(torch.equal(kept[k], rep[k]) for k in rep)  # the baseline's representation is not touched
