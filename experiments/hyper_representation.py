@@ -15,19 +15,22 @@ Fashion-MNIST classes 0-4 (t-shirt, trouser, pullover, dress, coat), training im
 four quarter turns as a class of its own: 40 classes. Test episodes: 5 of the 10 classes
 MNIST 5-9 and Fashion-MNIST 5-9 (sandal, shirt, sneaker, bag, ankle boot), upright, training
 and test images (never seen before testing). Validation episodes (held-out test images of
-the training classes) choose the baselines' inner learning rates. Why not MNIST 0-4 / 5-9
+the training classes) make every choice: the inner learning rates, baseline (a)'s training
+length, the meta-training length and meta learning rate. Why not MNIST 0-4 / 5-9
 alone (``--split digits --rotations 1``): five training classes are too few: every episode
 holds the same five digits, and the learned representations (both meta-learned and
 supervised) measured below raw pixels on digits 5-9.
 
-Meta-training episodes (default ``--train-shots 5``): 5-shot, one representation and inner
-learning rate for every test shot. A representation meta-trained on 1-shot episodes
-(``--train-shots same``, one meta-training per test shot, the literature's usual protocol) only
-tied the supervised baseline in 1-shot; the one meta-trained on 5-shot episodes is about 1.7
-points better at 1-shot test episodes (measured on 500 test episodes; a likely reason, not
-measured: a 1-shot episode's head, fit on 5 support images, gives a noisier hypergradient),
-and it is the 5-shot run's representation anyway, so one meta-training serves both. (With the
-supervised baseline's training length tuned, that baseline is still ahead at both shots.)
+Meta-training (defaults ``--init supervised --train-shots 5``): pre-train, then meta-fine-tune
+(as in Meta-Baseline, Chen et al. 2021): the representation and the inner lr start from baseline
+(a)'s pick (below) at the meta-training shot, then one meta-training per candidate ``--meta-lr``
+on 5-shot episodes; every ``--eval-every`` meta-steps (step 0, the supervised start, included)
+the validation episodes of each test shot score the snapshot, and the (meta lr, meta-steps)
+with the best score is that shot's hyper-representation: chosen like baseline (a)'s training
+length. Its test-time inner lr, like every baseline's, is then picked from the grid on the
+validation episodes (the meta-learned lr, fit to the meta-training classes, is reported
+beside). ``--init random`` starts from the random initialisation and ``--lr`` (FAR-HO's
+setting); ``--train-shots same`` meta-trains one per test shot on its own shot count.
 
 Baselines, on the very same test episodes, each with the same head fit (T steps from zero)
 and its inner learning rate chosen from a grid on the validation episodes:
@@ -35,7 +38,7 @@ and its inner learning rate chosen from a grid on the validation episodes:
       meta-training classes (Adam through the same unroll, no graph), its classifier dropped;
       its number of training steps is picked, with the learning rate, on the validation
       episodes of each test shot from ``--pretrain-steps`` (snapshots of one run);
-  (b) random: the representation at its initialisation (the meta-training runs start from it);
+  (b) random: the representation at its initialisation (where ``--init random`` starts);
   (c) pixels: no representation, the head on the raw 784 pixels.
 Reported: accuracy per test episode, mean +- 95% interval (1.96 sd / sqrt(n)), and the
 paired difference of the hyper-representation to each baseline on the same episodes.
@@ -52,6 +55,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 import common
+from hyper_representation_plot import plot
 from l2o.hypergrad import segments, unroll
 from l2o.optim import SGD, Adam
 from l2o.tasks import seeded
@@ -63,14 +67,22 @@ TRAIN_CLASSES, TEST_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 SPLITS = {"digits": ["mnist"], "mixed": ["mnist", "fashion_mnist"]}  # classes 0-4 of each set train, 5-9 test
 LR_GRID = [10.0 ** (e / 2) for e in range(-6, 5)]  # 1e-3 .. 1e2, half decades
 DEFAULTS = dict(meta_steps=300, meta_batch=16, queries=15, hidden=[512], pretrain_steps=[300, 600, 1200, 2400],
-                test_episodes=1000, val_episodes=200, monitor_episodes=150, eval_every=30)
-QUICK = dict(meta_steps=4, meta_batch=2, queries=2, hidden=[16, 8], pretrain_steps=[2, 4],
+                meta_lr=[1e-4, 3e-4, 1e-3], test_episodes=3000, val_episodes=200, monitor_episodes=150, eval_every=30)
+QUICK = dict(meta_steps=4, meta_batch=2, queries=2, hidden=[16, 8], pretrain_steps=[2, 4], meta_lr=[1e-3, 1e-2],
              test_episodes=12, val_episodes=6, monitor_episodes=6, eval_every=2)
 
 
 def train_shots(text: str) -> int | str:
     """``same`` or a positive integer."""
     return text if text == "same" else common.positive_int(text)
+
+
+def positive_floats(text: str) -> list[float]:
+    """Comma-separated positive numbers."""
+    try:
+        return [common.positive_float(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,15 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: mixed)")
     p.add_argument("--rotations", type=int, choices=[1, 2, 3, 4], default=4,
                    help="quarter turns of each meta-training class, each a class of its own (default: 4)")
-    p.add_argument("--lr", type=common.positive_float, default=0.1, help="initial inner learning rate (default: 0.1)")
+    p.add_argument("--init", choices=["supervised", "random"], default="supervised",
+                   help="where meta-training starts: baseline (a)'s representation and inner lr (picked on the "
+                        "validation episodes of the meta-training shot), or the random initialisation and --lr "
+                        "(default: supervised)")
+    p.add_argument("--lr", type=common.positive_float, default=0.1,
+                   help="initial inner learning rate with --init random (default: 0.1)")
     p.add_argument("--meta-steps", type=common.positive_int, help="outer steps per run (default 300)")
     p.add_argument("--meta-batch", type=common.positive_int, help="episodes per outer step (default 16)")
-    p.add_argument("--meta-lr", type=common.positive_float, default=1e-3,
-                   help="Adam step on the representation; 10x on log lr (default: 1e-3)")
+    p.add_argument("--meta-lr", type=positive_floats,
+                   help="comma-separated candidate Adam steps on the representation (10x on log lr), one "
+                        "meta-training each; the validation episodes pick (default 1e-4,3e-4,1e-3)")
     p.add_argument("--pretrain-steps", type=common.int_list,
                    help="comma-separated candidate steps (batch 128) of baseline (a)'s classification training; "
                         "one run to the largest, the validation episodes pick (default 300,600,1200,2400)")
-    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 1000)")
+    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 3000)")
     p.add_argument("--val-episodes", type=common.positive_int, help="validation episodes per lr (default 200)")
     p.add_argument("--monitor-episodes", type=common.positive_int,
                    help="test-class episodes of the accuracy-vs-meta-step curve (default 150)")
@@ -113,6 +131,7 @@ def resolve(args: argparse.Namespace) -> None:
             setattr(args, key, value)
     args.shots = sorted(set(args.shots))
     args.pretrain_steps = sorted(set(args.pretrain_steps))
+    args.meta_lr = sorted(set(args.meta_lr))
     test_classes = len(TEST_CLASSES) * len(SPLITS[args.split])  # the meta-training side has at least as many
     if args.ways > test_classes:
         raise common.UsageError(f"--ways {args.ways} is more than the {test_classes} test classes "
@@ -224,18 +243,25 @@ class HyperRepresentation:
 
     def accuracy(self, rep: dict | None, lr: float, eps: Episodes, shots: int, n: int, seed: int) -> torch.Tensor:
         """Query accuracy of each of ``n`` episodes after the T-step head fit (no graph)."""
-        a, out = self.args, []
+        return self.accuracies(rep, [lr], eps, shots, n, seed)[0]
+
+    def accuracies(self, rep: dict | None, lrs: list[float], eps: Episodes, shots: int, n: int,
+                   seed: int) -> list[torch.Tensor]:
+        """:meth:`accuracy` at each inner lr of ``lrs``, on the same episodes (features computed once)."""
+        a, out = self.args, [[] for _ in lrs]
         for xs, ys, xq, yq in eps.chunks(n, a.ways, shots, a.queries, seed):
             with torch.no_grad():
                 fs, fq = self.features(rep, xs), self.features(rep, xq)
             inner, _, p0, logits = head_problem(fs, ys, fq, yq, a.ways)
-            head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
-            out.append((logits(head, fq).argmax(-1) == yq).to(fq.dtype).mean(-1))
-        return torch.cat(out)
+            for acc, lr in zip(out, lrs):
+                head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
+                acc.append((logits(head, fq).argmax(-1) == yq).to(fq.dtype).mean(-1))
+        return [torch.cat(acc) for acc in out]
 
     def tune_lr(self, rep: dict | None, shots: int) -> tuple[float, float]:
         """The grid learning rate with the best validation accuracy (training classes, held-out images), and that accuracy."""
-        scores = [float(self.accuracy(rep, lr, self.val, shots, self.args.val_episodes, 11).mean()) for lr in LR_GRID]
+        accs = self.accuracies(rep, LR_GRID, self.val, shots, self.args.val_episodes, 11)
+        scores = [float(acc.mean()) for acc in accs]
         best = max(range(len(LR_GRID)), key=scores.__getitem__)
         return LR_GRID[best], scores[best]
 
@@ -269,22 +295,32 @@ class HyperRepresentation:
         return snaps[best], scores[best][0], {"pretrain_steps": best, "val_accuracy": {str(t): v for t, (_, v) in
                                                                                        scores.items()}}
 
-    def meta_train(self, shots: int, truncate: int, tag: str, writer) -> dict:
-        """Hypergradient descent (Adam) on the representation and log lr over ``shots``-shot episodes; returns
-        them and the curve: accuracy on fixed test-class episodes at each test shot (shown, never selects)."""
+    def meta_train(self, shots: int, truncate: int, meta_lr: float, tag: str, writer, start: dict | None = None,
+                   lr: float | None = None) -> dict:
+        """Hypergradient descent (Adam) on the representation and log lr over ``shots``-shot episodes, from
+        ``start`` (default: the random initialisation) and inner lr ``lr`` (default ``--lr``). Every
+        ``--eval-every`` meta-steps (step 0 included) it scores the validation episodes at each test shot and
+        keeps, per test shot, the representation and lr with the best score (the meta-training length is
+        chosen like the supervised baseline's training length); it also records the curve on fixed
+        test-class episodes (shown, never selects)."""
         a = self.args
-        rep = {k: v.clone().requires_grad_() for k, v in self.init.items()}
-        opt = SGD(lr=a.lr).learn(["lr"])
+        rep = {k: v.clone().requires_grad_() for k, v in (self.init if start is None else start).items()}
+        opt = SGD(lr=a.lr if lr is None else lr).learn(["lr"])
         hparams = {**{f"rep.{k}": v for k, v in rep.items()}, "log_lr": opt.log_lr}
-        meta = torch.optim.Adam([{"params": list(rep.values()), "lr": a.meta_lr},
-                                 {"params": [opt.log_lr], "lr": 10 * a.meta_lr}])
-        gen, curve = seeded(a.seed, 20 + shots), {k: [] for k in a.shots}
+        meta = torch.optim.Adam([{"params": list(rep.values()), "lr": meta_lr},
+                                 {"params": [opt.log_lr], "lr": 10 * meta_lr}])
+        gen, curve, val = seeded(a.seed, 20 + shots), {k: [] for k in a.shots}, {k: [] for k in a.shots}
+        best: dict[int, dict] = {}
         for i in tqdm(range(a.meta_steps + 1), desc=f"{tag} meta-steps", leave=False):
-            if i % a.eval_every == 0 or i == a.meta_steps:  # the curve: fixed test-class episodes, never selects
-                frozen, lr = {k: v.detach() for k, v in rep.items()}, float(opt.hparam("lr").detach())
-                for k in a.shots:
-                    curve[k].append([i, float(self.accuracy(frozen, lr, self.test, k, a.monitor_episodes, 12).mean())])
+            if i % a.eval_every == 0 or i == a.meta_steps:
+                frozen, lr_i = {k: v.detach().clone() for k, v in rep.items()}, float(opt.hparam("lr").detach())
+                for k in a.shots:  # validation selects; the test-class curve is only shown
+                    val[k].append([i, float(self.accuracy(frozen, lr_i, self.val, k, a.val_episodes, 11).mean())])
+                    curve[k].append([i, float(self.accuracy(frozen, lr_i, self.test, k, a.monitor_episodes, 12).mean())])
+                    writer.add_scalar(f"{tag}/val_accuracy_{k}shot", val[k][-1][1], i)
                     writer.add_scalar(f"{tag}/monitor_test_accuracy_{k}shot", curve[k][-1][1], i)
+                    if k not in best or val[k][-1][1] > best[k]["val_accuracy"]:
+                        best[k] = {"rep": frozen, "lr": lr_i, "meta_steps": i, "val_accuracy": val[k][-1][1]}
             if i == a.meta_steps:
                 break
             xs, ys, xq, yq = self.train.sample(a.meta_batch, a.ways, shots, a.queries, gen)
@@ -306,38 +342,7 @@ class HyperRepresentation:
             writer.add_scalar(f"{tag}/query_loss", seg.meta_loss, i)
             writer.add_scalar(f"{tag}/inner_lr", float(opt.hparam("lr").detach()), i)
             writer.add_scalar(f"{tag}/hypergrad_norm", math.sqrt(sum(float(g.norm()) ** 2 for g in grads.values())), i)
-        return {"rep": {k: v.detach() for k, v in rep.items()}, "lr": float(opt.hparam("lr").detach()), "curve": curve}
-
-
-def plot(results: dict, shots: list[int]):
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(shots) + 1, figsize=(5.5 * (len(shots) + 1), 4))
-    for ax, k in zip(axes, shots):
-        r = results[str(k)]
-        for key, style in (("hyper_reverse", "C0-"), ("hyper_truncated", "C1-")):
-            c = r["curves"][key]
-            trained = r["methods"][key]["meta_trained_shots"]
-            ax.plot([p[0] for p in c], [p[1] for p in c], style,
-                    label=f"{key.replace('_', ' ')} (meta-trained {trained}-shot)")
-        for j, key in enumerate(("supervised", "random", "pixels")):
-            ax.axhline(r["methods"][key]["mean"], color=f"C{j + 2}", ls="--", label=f"{key} (final)")
-        ax.set(xlabel="meta-step", ylabel="test-class episode accuracy", title=f"{k}-shot: accuracy vs meta-steps")
-        ax.legend(fontsize=7)
-    names = ["hyper_reverse", "hyper_truncated", "supervised", "random", "pixels"]
-    width = 0.8 / len(names)
-    for j, m in enumerate(names):
-        means = [results[str(k)]["methods"][m]["mean"] for k in shots]
-        cis = [results[str(k)]["methods"][m]["ci95"] for k in shots]
-        axes[-1].bar([i + (j - 2) * width for i in range(len(shots))], means, width, yerr=cis, capsize=3,
-                     label=m.replace("_", " "), color=f"C{j}")
-    axes[-1].set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
-    low = min(m["mean"] for k in shots for m in results[str(k)]["methods"].values())
-    axes[-1].set(ylabel="test accuracy (mean, 95% interval)", ylim=(max(0.0, low - 0.1), 1),
-                 title="final, same test episodes")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+        return {"best": best, "curve": curve, "val_curve": val, "meta_lr": meta_lr}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -345,31 +350,54 @@ def run(args: argparse.Namespace) -> dict:
     writer = common.start(args, NAME)
     prob = HyperRepresentation(args)
     snaps = prob.pretrain(writer)
-    trained: dict[tuple[int, int], dict] = {}  # (train shots, K) -> meta-training run, shared by test shots
+    supervised: dict[int, tuple] = {}  # test shot -> baseline (a)'s (rep, inner lr, pick), chosen on validation
+    trained: dict[tuple[int, int], list[dict]] = {}  # (train shots, K) -> one run per candidate meta lr
 
-    def hyper(train_k: int, truncate: int, name: str) -> dict:
+    def sup(k: int) -> tuple:
+        if k not in supervised:
+            supervised[k] = prob.pick_supervised(snaps, k)
+        return supervised[k]
+
+    def hyper(train_k: int, truncate: int, name: str) -> list[dict]:
         if (train_k, truncate) not in trained:
-            trained[train_k, truncate] = prob.meta_train(train_k, truncate, f"{train_k}shot_{name}", writer)
+            start, lr = sup(train_k)[:2] if args.init == "supervised" else (None, None)
+            trained[train_k, truncate] = [prob.meta_train(train_k, truncate, m, f"{train_k}shot_{name}_mlr{m:g}",
+                                                          writer, start, lr) for m in args.meta_lr]
         return trained[train_k, truncate]
 
     results = {}
     for k in args.shots:
         train_k = k if args.train_shots == "same" else args.train_shots
-        runs = {"hyper_reverse": hyper(train_k, args.steps, "reverse"),
-                "hyper_truncated": hyper(train_k, args.truncate, "truncated")}
-        sup_rep, sup_lr, sup_pick = prob.pick_supervised(snaps, k)
-        reps = {**{m: (r["rep"], r["lr"]) for m, r in runs.items()}, "supervised": (sup_rep, sup_lr),
+        # each estimator's (meta lr, meta-steps) snapshot with the best validation accuracy at this test shot
+        picked = {m: max(rs, key=lambda r: r["best"][k]["val_accuracy"]) for m, rs in
+                  (("hyper_reverse", hyper(train_k, args.steps, "reverse")),
+                   ("hyper_truncated", hyper(train_k, args.truncate, "truncated")))}
+        sup_rep, sup_lr, sup_pick = sup(k)
+        # every method's test-time inner lr is picked on the grid by the same validation episodes (the
+        # meta-learned lr fits the meta-training classes; its test accuracy is reported beside)
+        reps = {**{m: (r["best"][k]["rep"], prob.tune_lr(r["best"][k]["rep"], k)[0]) for m, r in picked.items()},
+                "supervised": (sup_rep, sup_lr),
                 **{m: (rep, prob.tune_lr(rep, k)[0]) for m, rep in (("random", prob.init), ("pixels", None))}}
-        accs = {m: prob.accuracy(rep, lr, prob.test, k, args.test_episodes, 13) for m, (rep, lr) in reps.items()}
+        accs, learned = {}, {}
+        for m, (rep, lr) in reps.items():  # the hyper-representations also at their learned lr, same episodes
+            lrs = [lr, picked[m]["best"][k]["lr"]] if m in picked else [lr]
+            accs[m], *learned[m] = prob.accuracies(rep, lrs, prob.test, k, args.test_episodes, 13)
         methods = {m: {**interval(acc), "inner_lr": reps[m][1]} for m, acc in accs.items()}
         methods["supervised"].update(sup_pick)
-        for m in runs:
-            methods[m]["meta_trained_shots"] = train_k
+        for m, r in picked.items():
+            b = r["best"][k]
+            methods[m].update(meta_trained_shots=train_k, init=args.init, meta_lr=r["meta_lr"],
+                              learned_inner_lr=b["lr"], with_learned_lr=interval(learned[m][0]),
+                              meta_steps_picked=b["meta_steps"], val_accuracy=b["val_accuracy"],
+                              val_by_meta_lr={f"{x['meta_lr']:g}": x["best"][k]["val_accuracy"]
+                                              for x in trained[train_k, args.steps if m == "hyper_reverse"
+                                                               else args.truncate]})
         paired = {b: interval(accs["hyper_reverse"] - accs[b]) for b in ("supervised", "random", "pixels")}
         hr = methods["hyper_reverse"]
         beats = all(hr["mean"] - hr["ci95"] > methods[b]["mean"] + methods[b]["ci95"] for b in paired)
         results[str(k)] = {"methods": methods, "paired_difference": paired, "beats_every_baseline": beats,
-                           "curves": {m: r["curve"][k] for m, r in runs.items()}}
+                           "curves": {m: r["curve"][k] for m, r in picked.items()},
+                           "val_curves": {m: r["val_curve"][k] for m, r in picked.items()}}
         print(f"{args.ways}-way {k}-shot test accuracy over {args.test_episodes} episodes: " + ", ".join(
             f"{m} {v['mean']:.3f}+-{v['ci95']:.3f}" for m, v in methods.items()))
     fig = plot(results, args.shots)
@@ -380,7 +408,8 @@ def run(args: argparse.Namespace) -> dict:
                      f"training and test images ({len(prob.test.pools)} classes)"},
            "arch": args.arch, "ways": args.ways, "shots": args.shots, "train_shots": args.train_shots,
            "queries": args.queries, "steps": args.steps, "truncate": args.truncate, "hidden": args.hidden,
-           "meta_steps": args.meta_steps, "meta_batch": args.meta_batch, "pretrain_steps": args.pretrain_steps,
+           "init": args.init, "meta_steps": args.meta_steps, "meta_batch": args.meta_batch, "meta_lr": args.meta_lr,
+           "pretrain_steps": args.pretrain_steps,
            "by_shot": results}
     return common.finish(args, NAME, out, fig, writer)
 

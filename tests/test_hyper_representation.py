@@ -167,22 +167,65 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
         assert set(r["methods"]) == methods and set(r["paired_difference"]) == {"supervised", "random", "pixels"}
         for m in r["methods"].values():
             assert 0.0 <= m["mean"] <= 1.0 and m["ci95"] >= 0 and m["n"] == 12 and m["inner_lr"] > 0
-        assert r["methods"]["hyper_reverse"]["meta_trained_shots"] == 5
-        assert r["methods"]["supervised"]["pretrain_steps"] in (2, 4)
-        for c in r["curves"].values():
+        sup = r["methods"]["supervised"]
+        assert sup["pretrain_steps"] in (2, 4)
+        for c in list(r["curves"].values()) + list(r["val_curves"].values()):
             assert [p[0] for p in c] == [0, 2, 4] and all(0.0 <= p[1] <= 1.0 for p in c)
         assert r["curves"]["hyper_reverse"][0] == r["curves"]["hyper_truncated"][0]  # same start, same episodes
+        for m in ("hyper_reverse", "hyper_truncated"):
+            h = r["methods"][m]
+            assert h["meta_trained_shots"] == 5 and h["init"] == "supervised" and h["meta_lr"] in (1e-3, 1e-2)
+            assert set(h["val_by_meta_lr"]) == {"0.001", "0.01"}
+            # test-time inner lr: picked on the grid like the baselines'; the learned one is reported beside
+            assert h["inner_lr"] in hr.LR_GRID and h["learned_inner_lr"] > 0
+            assert h["with_learned_lr"]["n"] == 12 and 0.0 <= h["with_learned_lr"]["mean"] <= 1.0
+            # the picked (meta lr, meta-step) is the best validation point of the runs, on the drawn curve
+            assert h["val_accuracy"] == max(h["val_by_meta_lr"].values())
+            assert [h["meta_steps_picked"], h["val_accuracy"]] in r["val_curves"][m]
+            assert h["val_accuracy"] == max(p[1] for p in r["val_curves"][m])
         assert r["methods"]["random"]["inner_lr"] in hr.LR_GRID
         assert isinstance(r["beats_every_baseline"], bool)
-    one, five = (saved["by_shot"][k]["methods"]["hyper_reverse"] for k in ("1", "5"))
-    assert one["inner_lr"] == five["inner_lr"]  # one meta-trained representation for both test shots
+    # meta-training starts from baseline (a)'s pick at the meta-training shot (5): its validation score is step 0
+    five = saved["by_shot"]["5"]
+    assert five["val_curves"]["hyper_reverse"][0][1] == pytest.approx(five["methods"]["supervised"]["val_accuracy"][
+        str(five["methods"]["supervised"]["pretrain_steps"])])
 
 
 def test_quick_run_meta_trains_one_representation_per_shot(hr, episode_data, tmp_path):
-    result = hr.main(["--quick", "--data-dir", episode_data, "--out", str(tmp_path), "--train-shots", "same"])
+    result = hr.main(["--quick", "--data-dir", episode_data, "--out", str(tmp_path), "--train-shots", "same",
+                      "--init", "random", "--meta-lr", "0.01"])
     one, five = (result["by_shot"][k]["methods"]["hyper_reverse"] for k in ("1", "5"))
     assert result["train_shots"] == "same" and one["meta_trained_shots"] == 1 and five["meta_trained_shots"] == 5
-    assert one["inner_lr"] != five["inner_lr"]  # two runs, each learns its own
+    assert one["init"] == "random" and one["meta_lr"] == five["meta_lr"] == 0.01 and result["meta_lr"] == [0.01]
+    c1, c5 = (result["by_shot"][k]["curves"]["hyper_reverse"] for k in ("1", "5"))
+    assert c1[-1] != c5[-1]  # two meta-trainings, each on its own shot count, from the same random start
+    assert result["by_shot"]["1"]["curves"]["hyper_reverse"][0] == result["by_shot"]["1"]["curves"][
+        "hyper_truncated"][0]
+
+
+def test_meta_training_from_supervised_starts_at_its_representation(hr, episode_data):
+    """--init supervised: step 0 of meta-training is baseline (a)'s representation and inner lr (left unchanged);
+    each test shot's pick is the best validation point of the run."""
+    args = hr.build_parser().parse_args(["--quick", "--data-dir", episode_data, "--meta-steps", "2"])
+    hr.resolve(args)
+    prob = hr.HyperRepresentation(args)
+    rep, lr, _ = prob.pick_supervised(prob.pretrain(_NoWriter()), 5)
+    both = prob.accuracies(rep, [lr, 3 * lr], prob.test, 5, 7, 12)  # features once, the same as one lr at a time
+    assert all(torch.equal(b, prob.accuracy(rep, x, prob.test, 5, 7, 12)) for b, x in zip(both, [lr, 3 * lr]))
+    kept = {k: v.clone() for k, v in rep.items()}
+    run = prob.meta_train(5, args.steps, 1e-2, "t", _NoWriter(), rep, lr)
+    assert all(torch.equal(kept[k], rep[k]) for k in rep)  # the baseline's representation is not touched
+    for k in (1, 5):
+        val0 = float(prob.accuracy(rep, lr, prob.val, k, args.val_episodes, 11).mean())
+        test0 = float(prob.accuracy(rep, lr, prob.test, k, args.monitor_episodes, 12).mean())
+        assert run["val_curve"][k][0] == [0, val0] and run["curve"][k][0] == [0, test0]
+        best = run["best"][k]
+        assert [p[0] for p in run["val_curve"][k]] == [0, 2]
+        assert best["val_accuracy"] == max(p[1] for p in run["val_curve"][k])
+        assert [best["meta_steps"], best["val_accuracy"]] in run["val_curve"][k]
+    moved = run["best"][5] if run["best"][5]["meta_steps"] == 2 else None
+    if moved is not None:  # a later pick is a meta-trained representation, not the start
+        assert not torch.equal(moved["rep"]["1.weight"], rep["1.weight"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -193,6 +236,8 @@ def test_quick_run_meta_trains_one_representation_per_shot(hr, episode_data, tmp
     (["--shots", "1,x"], "comma-separated"),
     (["--train-shots", "0"], "--train-shots"),
     (["--train-shots", "400"], "meta-training episodes need 402 images"),
+    (["--meta-lr", "1e-3,-1"], "--meta-lr: expected comma-separated positive numbers"),
+    (["--init", "pretrained"], "--init: invalid choice"),
 ])
 def test_bad_input_exits_2_with_one_line(hr, episode_data, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
