@@ -498,6 +498,11 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                     enabled=tensorboard, progress=progress)
     trainer.tune_adam()
     log.postfix["adam"] = f"{trainer.extra['adam_val']:.4g}"
+    if cfg.init_from and trainer.meta_step == 0 and trainer.best is None:
+        # the starting weights compete for "best" too: fine-tuning never keeps weights worse than its start
+        log.scalar("val/learned", trainer.validate(), 0)
+        for group, v in trainer.val_groups.items():
+            log.scalar(f"val_family/{group}", v, 0)
     end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, trainer.meta_step + stop_after)
     few = sum(p.numel() for p in trainer.meta_params.values()) <= 64  # log hyperparameters one by one
     first, saved = trainer.meta_step, (trainer.meta_step if resume else None)

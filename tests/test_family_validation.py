@@ -161,3 +161,16 @@ def test_cli_member_balance_and_resume_refuses_a_change(tmp_path, capsys, tiny_d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("meta_train.py: error: --resume") and "member_balance" in err[0]
     assert meta_train.main(args + ["--member-balance", "--resume"]) == 0
+
+
+def test_init_from_validates_the_start_so_best_is_never_worse(tmp_path):
+    from l2o import checkpoint
+
+    fit(small(tmp_path / "src"), progress=False, tensorboard=False)
+    src = checkpoint.load_optimizer(str(tmp_path / "src" / "ck.pt"))  # its best weights, what --init-from loads
+    run = fit(small(tmp_path / "ft", init_from=str(tmp_path / "src" / "ck.pt"), outer_lr=3.0, clip=None,
+                    meta_steps=2), progress=False, tensorboard=False)
+    assert run.extra["history"][0][0] == 0 and [h[0] for h in run.extra["history"]] == [0, 1, 2]
+    assert run.best["val_loss"] == min(h[1] for h in run.extra["history"])
+    assert run.best["meta_step"] == 0  # outer steps of 3 ruin the weights: the start is kept as best
+    assert all(torch.equal(v, src.state_dict()[k]) for k, v in run.best["state_dict"].items())
