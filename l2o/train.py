@@ -6,7 +6,8 @@ optimizees (new problem, initialisation and batch order, all derived from
 estimator from :mod:`l2o.hypergrad` (``--method``: truncated, reverse, forward,
 implicit, pes, es), which returns a meta-gradient every ``update_every`` inner steps:
 
-    estimate (per member) -> mean over the meta-batch (gathered from all ranks) -> clip -> outer step
+    estimate (per member; --member-balance: scaled to unit norm) -> mean over the meta-batch (gathered
+    from all ranks) -> clip -> outer step
     -> log -> checkpoint
 
 ``update_every`` is ``--online`` if given, else what the optimizer asks for
