@@ -23,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -80,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
                    "log(loss_t / loss_0) with --family, sum_train otherwise)")
     g.add_argument("--second-order", action="store_true", help="differentiate through the optimizee gradients (off in the L2L paper)")
     g.add_argument("--meta-batch", type=positive_int, default=d.meta_batch, help="optimizees per meta-step, averaged (default %(default)s)")
+    g.add_argument("--member-balance", action="store_true", help="scale each member's meta-gradient to unit norm "
+                   "before the meta-batch mean, so no task of a family dominates the update (quadratics' are ~10-100x an MLP's)")
     g.add_argument("--population", type=positive_int, default=d.population, help="pes/es: antithetic particle pairs "
                    "(2N perturbed unrolls per truncation) (default %(default)s)")
     g.add_argument("--sigma", type=finite_float, default=d.sigma, help="pes/es: perturbation standard deviation (default %(default)s)")
@@ -171,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     msg = f"done: {trainer.meta_step} meta-steps, checkpoint {cfg.checkpoint_path}"
     if best:
         msg += f"; best validation loss {best['val_loss']:.4f} at meta-step {best['meta_step']}"
-    print(msg + f" (tuned Adam {trainer.extra['adam_val']:.4f}, lr {trainer.extra['adam_lr']:.3g})")
+    if trainer.is_family:  # scored by the speedup over Adam tuned for each validation member, per component
+        print(msg + " (last validation, speedup over tuned Adam per component: "
+              + ", ".join(f"{g} {math.exp(-v):.2f}x" for g, v in trainer.val_groups.items()) + ")")
+    else:
+        print(msg + f" (tuned Adam {trainer.extra['adam_val']:.4f}, lr {trainer.extra['adam_lr']:.3g})")
     return 0
 
 

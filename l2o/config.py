@@ -131,6 +131,7 @@ class EstimatorConfig:
     objective: str | None = None             # default: normalised for a family, sum_train for a task
     second_order: bool = False
     meta_batch: int = 1
+    member_balance: bool = False             # scale each member's meta-gradient to unit norm before averaging
     implicit_iters: int = 10                 # implicit: Neumann terms
     population: int = 8                      # pes, es: antithetic particle pairs
     sigma: float = 0.01                      # pes, es: perturbation standard deviation

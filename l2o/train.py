@@ -6,7 +6,8 @@ optimizees (new problem, initialisation and batch order, all derived from
 estimator from :mod:`l2o.hypergrad` (``--method``: truncated, reverse, forward,
 implicit, pes, es), which returns a meta-gradient every ``update_every`` inner steps:
 
-    estimate (per member) -> mean over the meta-batch (gathered from all ranks) -> clip -> outer step
+    estimate (per member; --member-balance: scaled to unit norm) -> mean over the meta-batch (gathered
+    from all ranks) -> clip -> outer step
     -> log -> checkpoint
 
 ``update_every`` is ``--online`` if given, else what the optimizer asks for
@@ -37,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt_io
-from . import distributed, hypergrad, optim, schedule, tasks
+from . import distributed, hypergrad, optim, schedule, tasks, validation
 from .config import TrainConfig, UsageError
 from .evaluate import rollout, tune_lr, log_grid
 from .tasks import BatchStream, seeded
@@ -119,6 +120,7 @@ class MetaTrainer:
         self.best: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {"skipped": 0, "train_seconds": 0.0, "history": []}
         self.val_groups: dict[str, float] = {}
+        self.val_loss_ratios: dict[str, float] = {}
 
     def _build_phase(self, k: int) -> None:
         """Phase ``k``'s truncation, estimator, fresh outer optimizer and its learning-rate decay over the phase."""
@@ -220,25 +222,44 @@ class MetaTrainer:
         # one run per member (each with the same perturbation stream, PES / ES): a member's meta-gradient
         # is then computed alike in one process and under torchrun, whatever else shares its process
         runs = [est.init(self.problem([m]), self.meta_params, seeded(seed, 4)) for m in self._members(self.meta_step)]
-        meta_losses, norms, skipped = [], [], 0
+        meta_losses, norms, skipped, member_norms = [], [], 0, []
         while not est.done(runs[0]):
             rows = []
             for i, state in enumerate(runs):
                 grads, metrics, runs[i] = est.estimate(self.meta_params, state)
-                rows.append((grads, metrics["meta_loss"],
-                             bool(metrics["finite"]) and all(bool(torch.isfinite(g).all()) for g in grads.values())))
+                ok = bool(metrics["finite"]) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+                norm = math.sqrt(sum(float((g.detach().double() ** 2).sum()) for g in grads.values())) if ok else 0.0
+                if self.cfg.member_balance and ok and norm > 0:  # each member's meta-gradient to unit length
+                    grads = {k: g.detach().double() / norm for k, g in grads.items()}
+                rows.append((grads, metrics["meta_loss"], ok, norm))
             # [distributed] every update goes through _apply, non-finite ones included, so that all
             # ranks meet in the same collective and take the same decision
-            ok, ml, norm = self._apply(*self._combine(rows))
+            grads, ml, ok, row_norms = self._combine(rows)
+            ok, ml, norm = self._apply(grads, ml, ok)
             if not ok:
                 skipped += 1
                 break
             norms.append(norm)
             meta_losses.append(ml)
+            member_norms.append(row_norms)
         self.extra["skipped"] += skipped
+        fig = {"meta_loss": sum(meta_losses) if meta_losses else math.nan,
+               "grad_norm": max(norms) if norms else math.nan, "skipped": skipped,
+               "member_grad_norms": self._by_component(member_norms)}
         self.meta_step += 1
-        return {"meta_loss": sum(meta_losses) if meta_losses else math.nan,
-                "grad_norm": max(norms) if norms else math.nan, "skipped": skipped}
+        return fig
+
+    def _by_component(self, member_norms: list[list[float]]) -> dict[str, float]:
+        """Each family component's mean pre-balancing meta-gradient norm over this meta-step's updates and members."""
+        if not self.is_family or not member_norms:
+            return {}
+        seeds = [TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100 + b for b in range(self.cfg.meta_batch)]
+        names = [validation.component(self.task, s) for s in seeds]  # the global members, in order
+        out: dict[str, list[float]] = {}
+        for row in member_norms:
+            for name, n in zip(names, row):
+                out.setdefault(name, []).append(n)
+        return {k: sum(v) / len(v) for k, v in sorted(out.items())}
 
     def _apply(self, grads: dict[str, torch.Tensor], meta_loss: float = 0.0, ok: bool = True
                ) -> tuple[bool, float, float]:
@@ -259,23 +280,24 @@ class MetaTrainer:
         self.last_grads = grads
         return True, meta_loss, norm
 
-    def _combine(self, rows: list[tuple[dict[str, torch.Tensor], float, bool]]
-                 ) -> tuple[dict[str, torch.Tensor], float, bool]:
-        """The meta-batch's mean of the members' ``(grads, meta_loss, finite)``; one collective under torchrun.
+    def _combine(self, rows: list[tuple[dict[str, torch.Tensor], float, bool, float]]
+                 ) -> tuple[dict[str, torch.Tensor], float, bool, list[float]]:
+        """The meta-batch's mean of the members' ``(grads, meta_loss, finite, norm)``; one collective under torchrun.
 
-        Each member becomes one float64 row ``[grads..., meta_loss, non-finite flag]`` (zeros
+        Each member becomes one float64 row ``[grads..., meta_loss, non-finite flag, norm]`` (zeros
         with the flag set if it is not finite); [distributed] the rows of all ranks are gathered
         in member order, so every rank, and one process holding the whole meta-batch, adds the
         same rows in the same order and divides by the meta-batch: the same bits for any number
-        of processes. A non-finite member anywhere makes every rank skip the update.
+        of processes. A non-finite member anywhere makes every rank skip the update. Returns the
+        mean gradient, mean meta-loss, whether all were finite, and every member's ``norm`` (global order).
         """
         hp = self.meta_params
         device = next(iter(hp.values())).device
         table = torch.stack([torch.cat(
             [(g[k] if ok else torch.zeros_like(p)).detach().reshape(-1).double().to(device) for k, p in hp.items()]
-            + [torch.tensor([ml if ok else 0.0, 0.0 if ok else 1.0], dtype=torch.float64, device=device)])
-            for g, ml, ok in rows])
-        table = self.dist.all_gather(table)  # [meta_batch, n + 2], global member order
+            + [torch.tensor([ml if ok else 0.0, 0.0 if ok else 1.0, norm], dtype=torch.float64, device=device)])
+            for g, ml, ok, norm in rows])
+        table = self.dist.all_gather(table)  # [meta_batch, n + 3], global member order
         total = table[0].clone()
         for row in table[1:]:  # one fixed order of additions (a reduction kernel may pick its own)
             total += row
@@ -284,46 +306,64 @@ class MetaTrainer:
         for k, p in hp.items():
             out[k] = total[i:i + p.numel()].view_as(p).to(p.dtype)
             i += p.numel()
-        return out, float(total[-2]), float(total[-1]) == 0.0
+        return out, float(total[-3]), float(total[-2]) == 0.0, [float(x) for x in table[:, -1]]
 
     # ------------------------------------------------------------------ validation
-    def _scores(self, opt, seeds) -> dict[str, list[float]]:
-        """Per seed, the final loss (a task) or ``log(final / initial loss)`` (a family), grouped by family."""
-        def one(s: int) -> tuple[str, float]:
-            r = rollout(self.task, opt, s, self.cfg.horizon)
-            if self.is_family:
-                v = math.log(r.final_loss / r.curve[0]) if math.isfinite(r.final_loss) and r.curve[0] > 0 else math.inf
-                return getattr(self.task.sample(seeded(s, 0)), "family", "task"), v
-            return "task", r.final_loss
-
-        out: dict[str, list[float]] = {}
-        for group, v in self.dist.map(one, list(seeds)):  # [distributed] rollouts spread over the ranks
-            out.setdefault(group, []).append(v)
-        return out
-
     def _score(self, opt, seeds=None) -> float:
-        groups = self._scores(opt, seeds if seeds is not None else range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds))
-        vals = [v for vs in groups.values() for v in vs]
-        return sum(vals) / len(vals)
+        """Mean final loss of a plain task's validation (or ``seeds``) runs."""
+        seeds = list(seeds if seeds is not None else range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds))
+        vals = self.dist.map(lambda s: rollout(self.task, opt, s, self.cfg.horizon).final_loss, seeds)
+        return sum(vals) / len(vals)  # [distributed] rollouts spread over the ranks, summed in seed order
 
     def tune_adam(self) -> None:
-        """Tune Adam's learning rate on tuning seeds, score it on the validation seeds (once per run)."""
+        """Tune Adam once per run (kept in the checkpoint, so ``--resume`` does not re-tune).
+
+        A task: one learning rate on the tuning seeds, scored on the validation seeds. A family:
+        one rate per validation member, tuned on that member (:mod:`l2o.validation`); the
+        family's validation is then relative to those runs, so tuned Adam scores 0.
+        """
+        if self.is_family:
+            if "adam_members" in self.extra:
+                return
+            seeds = range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds)
+            self.extra["adam_members"] = validation.tune_members(self.task, seeds, self.cfg.horizon, ADAM_GRID,
+                                                                 map_fn=self.dist.map)  # [distributed] spread
+            self.extra["adam_lr"], self.extra["adam_val"] = math.nan, 0.0
+            if self.best is not None:  # a run from before per-member validation: rescore its best alike
+                import copy
+
+                best = copy.deepcopy(self.opt)
+                best.load_state_dict(self.best["state_dict"])
+                self.best["val_loss"] = validation.balanced_mean(self._family_scores(best)[0])[0]
+            return
         if "adam_val" in self.extra:
             return
-        if self.is_family:  # the same normalised score as validation, so loss scales do not pick the rate
-            lr = min(ADAM_GRID, key=lambda lr: self._score(optim.Adam(lr=lr), TUNE_SEEDS))
-        else:
-            lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon,
-                            map_fn=self.dist.map)  # [distributed] rollouts spread over the ranks
+        lr, _ = tune_lr(self.task, lambda lr: optim.Adam(lr=lr), ADAM_GRID, TUNE_SEEDS, self.cfg.horizon,
+                        map_fn=self.dist.map)  # [distributed] rollouts spread over the ranks
         self.extra["adam_lr"] = lr
         self.extra["adam_val"] = self._score(optim.Adam(lr=lr))
 
+    def _family_scores(self, opt) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        """Per component, -log(speedup over the Adam tuned for each validation member), and log(final / Adam's)."""
+        groups = validation.relative_scores(self.task, opt, range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds),
+                                            self.cfg.horizon, self.extra["adam_members"], map_fn=self.dist.map)
+        return ({g: [v[0] for v in vs] for g, vs in groups.items()},
+                {g: [v[1] for v in vs] for g, vs in groups.items()})
+
     def validate(self) -> float:
-        """Score the optimizer on the fixed held-out members; ``val_groups`` holds the per-family means."""
-        groups = self._scores(self.opt, range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds))
-        self.val_groups = {g: sum(v) / len(v) for g, v in groups.items()} if self.is_family else {}
-        vals = [v for vs in groups.values() for v in vs]
-        val = sum(vals) / len(vals)
+        """Score the optimizer on the fixed held-out members; ``val_groups`` holds the per-component means.
+
+        A task: the mean final loss. A family: the mean over components of their members'
+        -log(speedup over tuned Adam) (:mod:`l2o.validation`; ``val_loss_ratios``: the per-component
+        mean log(final loss / tuned Adam's)).
+        """
+        self.val_loss_ratios = {}
+        if self.is_family:
+            speed, ratio = self._family_scores(self.opt)
+            val, self.val_groups = validation.balanced_mean(speed)
+            self.val_loss_ratios = validation.balanced_mean(ratio)[1]
+        else:
+            val, self.val_groups = self._score(self.opt), {}
         self.extra["history"].append([self.meta_step, val])
         if math.isfinite(val) and (self.best is None or val < self.best["val_loss"]):
             self.best = {"val_loss": val, "meta_step": self.meta_step,
@@ -459,6 +499,11 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                     enabled=tensorboard, progress=progress)
     trainer.tune_adam()
     log.postfix["adam"] = f"{trainer.extra['adam_val']:.4g}"
+    if cfg.init_from and trainer.meta_step == 0 and trainer.best is None:
+        # the starting weights compete for "best" too: fine-tuning never keeps weights worse than its start
+        log.scalar("val/learned", trainer.validate(), 0)
+        for group, v in trainer.val_groups.items():
+            log.scalar(f"val_family/{group}", v, 0)
     end = cfg.meta_steps if stop_after is None else min(cfg.meta_steps, trainer.meta_step + stop_after)
     few = sum(p.numel() for p in trainer.meta_params.values()) <= 64  # log hyperparameters one by one
     first, saved = trainer.meta_step, (trainer.meta_step if resume else None)
@@ -480,6 +525,8 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
             log.scalar("meta/grad_norm", fig["grad_norm"], step)
             log.scalar("meta/skipped", trainer.extra["skipped"], step)
             log.scalar("meta/outer_lr", trainer.sched.get_last_lr()[0], step)
+            for group, n in fig["member_grad_norms"].items():  # before --member-balance: which component dominates
+                log.scalar(f"meta_member_grad_norm/{group}", n, step)
             if cfg.schedule is not None:
                 log.scalar("meta/phase", trainer.phase + 1, step)
                 log.scalar("meta/truncation", trainer.truncation, step)
@@ -494,8 +541,10 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
                 val = trainer.validate()
                 log.scalar("val/learned", val, step)
                 log.scalar("val/adam_tuned", trainer.extra["adam_val"], step)
-                for group, v in trainer.val_groups.items():
+                for group, v in trainer.val_groups.items():  # a family: -log(speedup over tuned Adam)
                     log.scalar(f"val_family/{group}", v, step)
+                for group, v in trainer.val_loss_ratios.items():
+                    log.scalar(f"val_family_log_loss_ratio/{group}", v, step)
                 if ctx.is_main:
                     log.histogram("opt/update_magnitude", torch.log10(trainer.update_magnitudes() + 1e-12), step)
                 postfix.update(val=val, best=trainer.best["val_loss"] if trainer.best else None)

@@ -268,3 +268,16 @@ def test_threads_explicit_flag_wins_default_shares_the_cores(monkeypatch):
 
     assert meta_train.parser().parse_args([]).threads is None  # so an explicit --threads 1 can be told apart
     assert meta_train.parser().parse_args(["--threads", "1"]).threads == 1
+
+
+def test_member_balance_on_a_family_two_processes_equal_one(tmp_path):
+    """--member-balance scales each member before the gather: 2 ranks == 1 process to the bit, per-member Adam too."""
+    fam = ["--family", "quadratic:dim=2-5", "--member-balance", "--meta-steps", "2"]
+    d = tmp_path / "dist"
+    d.mkdir()
+    r = torchrun(d, *fam, "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    one = fit(reference(tmp_path / "one", family="quadratic:dim=2-5", member_balance=True, meta_steps=2), progress=False)
+    ck = torch.load(str(d / "ck.pt"), weights_only=True)
+    assert_close(ck["optimizer"]["state_dict"], weights(str(tmp_path / "one" / "ck.pt")))
+    assert ck["extra"]["adam_members"] == one.extra["adam_members"] and ck["extra"]["history"] == one.extra["history"]
