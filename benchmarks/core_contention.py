@@ -19,7 +19,8 @@ import torch
 torch.set_num_threads(1)
 kind = sys.argv[1] if len(sys.argv) > 1 else "mm"
 if kind not in ("py", "mm"):
-    sys.exit("core_contention.py: error: choose py or mm")
+    print("core_contention.py: error: choose py or mm", file=sys.stderr)
+    sys.exit(2)
 a, b = torch.randn(64, 64), torch.randn(64, 64)
 t0, c0, n = time.perf_counter(), time.process_time(), 0
 while time.perf_counter() - t0 < 8:
