@@ -71,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--adaptive-scale", type=finite_float, metavar="BETA",
                    help="multiply the optimizer's steps by a global scale adapted online by hypergradient descent, "
                         "log-scale rate BETA (e.g. 0.3; learned with the other meta-parameters)")
+    g.add_argument("--adaptive-scale-init", type=finite_float, default=d.adaptive_scale_init, metavar="S0",
+                   help="with --adaptive-scale: the log of the step scale at the start of every run (default "
+                        "%(default)s: the wrapped optimizer's own steps; e.g. -0.7 starts at half of them and "
+                        "lets the rule grow the steps)")
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")

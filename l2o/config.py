@@ -106,11 +106,16 @@ class OptimizerConfig:
     weight_decay: float | None = None
     per_parameter: bool = False              # one weight decay per weight
     adaptive_scale: float | None = None      # wrap in AdaptiveScale with this initial beta (learned with the rest)
+    adaptive_scale_init: float = 0.0         # AdaptiveScale's log-scale at the start of every inner run
 
     def validate_optimizer(self) -> None:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         need(self.adaptive_scale is None or (math.isfinite(self.adaptive_scale) and self.adaptive_scale > 0),
              f"--adaptive-scale must be a positive number (the initial adaptation rate, e.g. 0.3), got {self.adaptive_scale}")
+        need(self.adaptive_scale_init == 0.0 or self.adaptive_scale is not None,
+             "--adaptive-scale-init needs --adaptive-scale (it sets where that wrapper's step scale starts)")
+        need(math.isfinite(self.adaptive_scale_init) and abs(self.adaptive_scale_init) <= 6.0,
+             f"--adaptive-scale-init must lie within -6..6 (a log-scale), got {self.adaptive_scale_init}")
         positive_ints(self, "lstm_hidden", "lstm_layers")
         if self.optimizer == "lstm":  # refused before any data is read
             need(self.learn is None or list(self.learn) == ["weight_decay"],
@@ -271,7 +276,7 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
-    FLOATS = ("adaptive_scale", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
+    FLOATS = ("adaptive_scale", "adaptive_scale_init", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
 
     def _validate_floats(self, need) -> None:
         # a nan / inf flag would only surface deep inside a run (or as "done" with every step skipped)

@@ -70,7 +70,7 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
     else:
         opt = base
     if cfg.adaptive_scale is not None:
-        opt = optim.AdaptiveScale(opt, cfg.adaptive_scale)
+        opt = optim.AdaptiveScale(opt, cfg.adaptive_scale, init_log_scale=cfg.adaptive_scale_init)
     opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):
         raise UsageError(f"nothing to learn: --learn {cfg.learn} selects no hyperparameter of {cfg.optimizer}")
@@ -488,7 +488,10 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
         target = trainer.opt
         if isinstance(target, optim.AdaptiveScale) and src.config() == target.base.config():
             target = target.base  # --adaptive-scale around a run's optimizer: start from its weights
-        if src.config() != target.config():
+        start_free = {k: v for k, v in src.config().items() if k != "init_log_scale"}  # this run's own start wins
+        if src.config() != target.config() and not (isinstance(src, optim.AdaptiveScale) and isinstance(
+                target, optim.AdaptiveScale) and start_free == {k: v for k, v in target.config().items()
+                                                                  if k != "init_log_scale"}):
             raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
         target.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:

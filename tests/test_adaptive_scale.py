@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -68,6 +69,31 @@ def test_first_step_is_the_base_step():
         mine, _ = run(optim.AdaptiveScale(copy.deepcopy(base), beta=0.5), loss, x0, 1)
         ref, _ = run(copy.deepcopy(base), loss, x0, 1)
         torch.testing.assert_close(mine["x"], ref["x"], rtol=1e-14, atol=1e-14)
+
+
+def test_start_below_the_base_scale():
+    """init_log_scale s0: the first step is the base step times exp(s0), then the written-out rule from s0."""
+    loss, x0, _ = quadratic()
+    mine, _ = run(optim.AdaptiveScale(optim.SGD(lr=0.05), beta=0.5, init_log_scale=-1.5), loss, x0, 1)
+    ref, _ = run(optim.SGD(lr=0.05 * math.exp(-1.5)), loss, x0, 1)
+    torch.testing.assert_close(mine["x"], ref["x"], rtol=1e-12, atol=1e-14)
+    opt = optim.AdaptiveScale(optim.SGD(lr=0.01), beta=0.2, init_log_scale=-1.0)
+    params, state = run(opt, loss, x0, 30)
+    x, s, u = x0["x"].clone(), -1.0, None
+    for _ in range(30):
+        xg = x.clone().requires_grad_()
+        g = torch.autograd.grad(loss({"x": xg}), xg)[0]
+        if u is not None:
+            s = min(6.0, max(-6.0, s + 0.2 * float(-(g @ u) / (g.norm() * u.norm()))))
+        u = math.exp(s) * (-0.01 * g)
+        x = x + u
+    torch.testing.assert_close(params["x"], x, rtol=1e-7, atol=1e-9)
+    assert float(state["s"]) == pytest.approx(s, abs=1e-7)
+    rebuilt = optim.from_config(opt.config())
+    assert rebuilt.init_log_scale == -1.0 and rebuilt.config() == opt.config()
+    assert "init_log_scale" not in optim.AdaptiveScale(optim.SGD(lr=0.1)).config()  # old configs unchanged
+    with pytest.raises(ValueError, match="init_log_scale must lie within"):
+        optim.AdaptiveScale(optim.SGD(lr=0.1), init_log_scale=-7.0)
 
 
 @pytest.mark.parametrize("lr, grows", [(1e-3, True), (0.39, False)])
@@ -150,3 +176,24 @@ def test_meta_train_wraps_and_starts_from_a_plain_checkpoint(tmp_path, capsys):
     assert meta_train.main(common + ["--name", "bad", "--adaptive-scale", "-1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--adaptive-scale must be a positive number" in err[0]
+
+
+def test_meta_train_adaptive_scale_init(tmp_path, capsys):
+    """--adaptive-scale-init S0 reaches the wrapper (and its saved config); a wrapper run starts from another
+    wrapper's weights whatever that one's start; S0 without the wrapper or out of range is one line, exit 2."""
+    common = ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps", "1",
+              "--val-every", "1", "--val-seeds", "2", "--log-dir", str(tmp_path), "--no-progress", "--adaptive-scale",
+              "0.25"]
+    assert meta_train.main(common + ["--name", "a", "--adaptive-scale-init", "-0.7"]) == 0
+    first = l2o.load_optimizer(str(tmp_path / "a" / "checkpoint.pt"), which="current")
+    assert first.init_log_scale == -0.7 and first.config()["init_log_scale"] == -0.7
+    assert float(first.init({"x": torch.zeros(3)})["s"]) == pytest.approx(-0.7)
+    assert meta_train.main(common + ["--name", "b", "--init-from", str(tmp_path / "a" / "checkpoint.pt")]) == 0
+    second = l2o.load_optimizer(str(tmp_path / "b" / "checkpoint.pt"), which="current")
+    assert second.init_log_scale == 0.0 and "init_log_scale" not in second.config()
+    capsys.readouterr()
+    for argv, needle in ((["--task", "quadratic", "--adaptive-scale-init", "-1"], "needs --adaptive-scale"),
+                         (common + ["--adaptive-scale-init", "7"], "must lie within -6..6")):
+        assert meta_train.main(argv + ["--log-dir", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

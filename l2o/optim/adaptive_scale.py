@@ -39,10 +39,12 @@ class AdaptiveScale(DifferentiableOptimizer):
         base: the wrapped optimizer, or its :meth:`config` dict.
         beta: initial adaptation rate of the log-scale per step (learnable, > 0).
         max_log_scale: bound on ``|s|``.
+        init_log_scale: ``s`` at the start of every run (0: the base optimizer's own step
+            size; below 0 starts cautiously and lets the rule grow the steps).
     """
 
     def __init__(self, base: DifferentiableOptimizer | dict, beta: float = 0.1,
-                 max_log_scale: float = MAX_LOG_SCALE) -> None:
+                 max_log_scale: float = MAX_LOG_SCALE, init_log_scale: float = 0.0) -> None:
         super().__init__()
         if isinstance(base, dict):
             from . import from_config  # late import: the package registers this class
@@ -52,10 +54,16 @@ class AdaptiveScale(DifferentiableOptimizer):
             raise TypeError(f"AdaptiveScale wraps a DifferentiableOptimizer or its config dict, got {type(base).__name__}")
         if not max_log_scale > 0:
             raise ValueError(f"AdaptiveScale: max_log_scale must be > 0, got {max_log_scale}")
+        if not abs(init_log_scale) <= max_log_scale:
+            raise ValueError(f"AdaptiveScale: init_log_scale must lie within +-max_log_scale ({max_log_scale}), "
+                             f"got {init_log_scale}")
         self.base = base
         self.max_log_scale = float(max_log_scale)
+        self.init_log_scale = float(init_log_scale)
         self._hparam("beta", beta, "positive")
         self._config["max_log_scale"] = self.max_log_scale
+        if self.init_log_scale != 0.0:  # configs of wrappers that start at the base's scale stay as they were
+            self._config["init_log_scale"] = self.init_log_scale
 
     def config(self) -> dict[str, Any]:
         return {"type": "AdaptiveScale", "base": self.base.config(), **self._config}
@@ -85,7 +93,7 @@ class AdaptiveScale(DifferentiableOptimizer):
         like = next(iter(params.values())).detach()
         n = sum(p.numel() for p in params.values())
         # u = 0 makes the first cosine 0: no adaptation before there is a last step
-        return {"base": self.base.init(params), "s": like.new_zeros(()), "u": like.new_zeros(n)}
+        return {"base": self.base.init(params), "s": like.new_full((), self.init_log_scale), "u": like.new_zeros(n)}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         keys = list(params)
