@@ -460,6 +460,11 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         ctx.close()
 
 
+def _weights_config(opt: optim.DifferentiableOptimizer) -> dict[str, Any]:
+    """An optimizer's config without what does not shape its weights (a wrapper's starting scale: the run's own wins)."""
+    return {k: v for k, v in opt.config().items() if k != "init_log_scale"}
+
+
 def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: int | None, progress: bool,
          tensorboard: bool) -> MetaTrainer:
     import os
@@ -488,10 +493,7 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
         target = trainer.opt
         if isinstance(target, optim.AdaptiveScale) and src.config() == target.base.config():
             target = target.base  # --adaptive-scale around a run's optimizer: start from its weights
-        start_free = {k: v for k, v in src.config().items() if k != "init_log_scale"}  # this run's own start wins
-        if src.config() != target.config() and not (isinstance(src, optim.AdaptiveScale) and isinstance(
-                target, optim.AdaptiveScale) and start_free == {k: v for k, v in target.config().items()
-                                                                  if k != "init_log_scale"}):
+        if _weights_config(src) != _weights_config(target):
             raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
         target.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:
