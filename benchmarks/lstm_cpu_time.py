@@ -19,7 +19,7 @@ import l2o
 from l2o.hypergrad import segments
 from l2o.optim import lstm_kernel
 from l2o.tasks import seeded
-from speed_cases import warm_lstm_state  # benchmarks/ is the script's folder
+from speed_cases import recorded_reference, warm_lstm_state  # benchmarks/ is the script's folder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,12 +56,8 @@ def main(argv: list[str] | None = None) -> None:
             pass
 
     def meta_rec():
-        opt.recorded_cell = True
-        try:
-            with lstm_kernel.disabled():
-                meta()
-        finally:
-            opt.recorded_cell = False
+        with recorded_reference(opt):
+            meta()
     fns = dict(mm=mm, step=step, eager=eager, meta=meta, meta_rec=meta_rec)
     for f in fns.values():
         f()

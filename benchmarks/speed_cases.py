@@ -1,6 +1,7 @@
 """The sections of ``benchmarks/speed.py``: each builds its problem, times ours against a reference, prints rows."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -54,6 +55,17 @@ def l2o_loop(task, params, batches, opt, graph=False):
 
 
 # ----------------------------------------------------------------------------- lstm
+@contextlib.contextmanager
+def recorded_reference(opt):
+    """The reference LSTM path: every operation of the cell recorded by autograd, eager gates."""
+    opt.recorded_cell = True
+    try:
+        with lstm_kernel.disabled():
+            yield
+    finally:
+        opt.recorded_cell = False
+
+
 def warm_lstm_state(task, params, batch, opt):
     """One real gradient and the optimizer's state after 5 steps on it (the step timings start there)."""
     p = {k: v.clone().requires_grad_() for k, v in params.items()}
@@ -119,13 +131,9 @@ def lstm(args, device, compare, row, header):
             pass
     fns["meta"] = meta_unroll
 
-    def meta_recorded():  # the reference: every operation of the cell recorded by autograd, eager gates
-        opt.recorded_cell = True
-        try:
-            with lstm_kernel.disabled():
-                meta_unroll()
-        finally:
-            opt.recorded_cell = False
+    def meta_recorded():
+        with recorded_reference(opt):
+            meta_unroll()
     fns["meta_recorded"] = meta_recorded
     med = compare(fns)
     mm = med["mm"] * macs / 3200

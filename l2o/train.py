@@ -168,7 +168,11 @@ class MetaTrainer:
     # ------------------------------------------------------------------ one meta-batch of optimizees
     def member_seeds(self, meta_step: int) -> list[int]:
         """The seeds of this meta-step's optimizees; [distributed] this rank's share, by global member index."""
-        return [TRAIN_SEEDS + self.cfg.seed * 1_000_000 + meta_step * 100 + b for b in self.dist.shard(self.cfg.meta_batch)]
+        return [self._member_seed(meta_step, b) for b in self.dist.shard(self.cfg.meta_batch)]
+
+    def _member_seed(self, meta_step: int, b: int) -> int:
+        """The seed of global member ``b`` of ``meta_step`` (its problem, initialisation and batches)."""
+        return TRAIN_SEEDS + self.cfg.seed * 1_000_000 + meta_step * 100 + b
 
     def _members(self, meta_step: int) -> list[tuple[tasks.Task, dict, BatchStream, int]]:
         out = []
@@ -253,8 +257,8 @@ class MetaTrainer:
         """Each family component's mean pre-balancing meta-gradient norm over this meta-step's updates and members."""
         if not self.is_family or not member_norms:
             return {}
-        seeds = [TRAIN_SEEDS + self.cfg.seed * 1_000_000 + self.meta_step * 100 + b for b in range(self.cfg.meta_batch)]
-        names = [validation.component(self.task, s) for s in seeds]  # the global members, in order
+        names = [validation.component(self.task, self._member_seed(self.meta_step, b))
+                 for b in range(self.cfg.meta_batch)]  # the global members, in order
         out: dict[str, list[float]] = {}
         for row in member_norms:
             for name, n in zip(names, row):
