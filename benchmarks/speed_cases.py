@@ -10,6 +10,7 @@ import l2o
 from l2o.hypergrad import implicit as implicit_hypergrad
 from l2o.hypergrad import reverse as reverse_hypergrad
 from l2o.hypergrad import segments, unroll
+from l2o.hypergrad.unroll import own
 from l2o.optim import lstm_kernel
 from l2o.tasks import seeded
 from l2o.tasks.base import ModuleTask, cross_entropy
@@ -88,10 +89,19 @@ def lstm(args, device, compare, row, header):
     a = torch.randn(n, 40, device=device)
     b = torch.randn(40, 80, device=device)
 
-    def steps10():
+    owned = {"p": own(params), "s": own(state)}
+
+    def steps10():  # in place, as unroll without a graph steps (the values drift; the work does not)
         with torch.no_grad():
             for _ in range(10):
-                opt.step(params, grads, state)
+                owned["p"], owned["s"] = opt.step_(owned["p"], grads, owned["s"])
+
+    chained = {"p": params, "s": state}
+
+    def out_of_place10():  # each step from the last one's result, as a run chains them
+        with torch.no_grad():
+            for _ in range(10):
+                chained["p"], chained["s"] = opt.step(chained["p"], grads, chained["s"])
 
     def matmul10():
         for _ in range(10):
@@ -105,7 +115,7 @@ def lstm(args, device, compare, row, header):
             for _ in range(10):
                 opt.step(params, grads, state)
 
-    fns = {"step": steps10, "mm": matmul10, "eager": eager10}
+    fns = {"step": steps10, "mm": matmul10, "eager": eager10, "out_of_place": out_of_place10}
     compile_s = None
     if args.compile:
         twin = l2o.load_optimizer(args.checkpoint).to(device).use_compiled()
@@ -139,8 +149,11 @@ def lstm(args, device, compare, row, header):
     mm = med["mm"] * macs / 3200
     print(header)
     kern = "compiled gate kernel" if lstm_kernel.kernel() is not None else "kernel UNAVAILABLE, eager"
-    print(row(f"LSTM step, no graph, fused, {kern} (10 steps) / matmul of equal FLOPs", med["step"], mm, 3))
-    print(row("LSTM step, no graph, fused, eager gates (10 steps) / matmul of equal FLOPs", med["eager"], mm, None))
+    print(row(f"LSTM step, no graph, fused, {kern}, in place (`step_`, 10 steps) / matmul of equal FLOPs",
+              med["step"], mm, 3))
+    print(row("same, out of place (`step`) / matmul of equal FLOPs", med["out_of_place"], mm, None))
+    print(row("LSTM step, no graph, fused, eager gates, out of place (10 steps) / matmul of equal FLOPs",
+              med["eager"], mm, None))
     if args.compile:
         print(row("LSTM step, no graph, torch.compile (10 steps) / matmul of equal FLOPs", med["compiled"], mm, 3))
     print(row("100-step run with the LSTM / torch.optim.Adam run", med["lstm_run"], med["torch_adam_run"], 6))
@@ -204,8 +217,14 @@ def handcrafted(args, device, compare, row, header):
                 leaf.grad = g.clone()
             theirs = theirs_f(leaves)
             box = {"p": params, "s": ours.init(params)}
+            owned = {"p": own(params), "s": own(ours.init(params))}
 
-            def run_ours(ours=ours, box=box):
+            def run_ours(ours=ours, box=owned):  # in place, as unroll without a graph and the adapter step
+                with torch.no_grad():
+                    for _ in range(100):
+                        box["p"], box["s"] = ours.step_(box["p"], grads, box["s"])
+
+            def run_out_of_place(ours=ours, box=box):
                 with torch.no_grad():
                     for _ in range(100):
                         box["p"], box["s"] = ours.step(box["p"], grads, box["s"])
@@ -213,11 +232,13 @@ def handcrafted(args, device, compare, row, header):
             def run_theirs(theirs=theirs):
                 for _ in range(100):
                     theirs.step()
-            fns[name, "ours"], fns[name, "theirs"] = run_ours, run_theirs
+            fns[name, "ours"], fns[name, "theirs"], fns[name, "oop"] = run_ours, run_theirs, run_out_of_place
         med = compare(fns)
         for name in PAIRS:
-            print(row(f"{name}, {size} params, 100 steps without graph / torch.optim foreach",
+            print(row(f"{name}, {size} params, 100 steps without graph (`step_`) / torch.optim foreach",
                       med[name, "ours"], med[name, "theirs"], 1.1))
+            print(row(f"{name}, {size} params, out of place (`step`) / torch.optim foreach",
+                      med[name, "oop"], med[name, "theirs"], None))
 
 
 # ----------------------------------------------------------------------------- reverse

@@ -153,8 +153,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         names = [str(i) for i in range(len(call))] if layout is not None else [state_layout.KEY]
         params = {n: p for n, (p, _) in zip(names, call)}
         grads = {n: p.grad for n, (p, _) in zip(names, call)}
-        new, state = module.step(params, grads, merged)
+        if all(group["scale"] == 1.0 for _, group in call):
+            # the parameters and their state are ours to update, as torch.optim's are: in place
+            new, state = module.step_(params, grads, merged)
+        else:
+            new, state = module.step(params, grads, merged)
         for n, (p, group) in zip(names, call):
+            if new[n] is p:
+                continue
             if group["scale"] == 1.0:
                 p.copy_(new[n])
             else:

@@ -1,6 +1,7 @@
 """The fast paths compute what the differentiable ones do: fused LSTM step, foreach optimizers, checks, caches."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import importlib.util
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import l2o
-from l2o.hypergrad.unroll import all_finite, unroll
+from l2o.hypergrad.unroll import all_finite, own, unroll
+from l2o.optim import lstm_kernel
 from l2o.optim.lstm import MAX_LOG_MAGNITUDE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +161,72 @@ def test_no_graph_optimizer_follows_its_graph_twin(name):
     slow, _ = _run(opt, params, grads, graph=True)
     assert max(float((fast[-1][k] - params[k]).abs().max()) for k in params) > 1e-3
     _assert_same(fast, slow, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", list(TWINS))
+def test_in_place_step_equals_the_out_of_place_one(name):
+    params, grads = _problem()
+    opt = TWINS[name]({k: list(v.shape) for k, v in params.items()})
+    fast, state_out = _run(opt, params, grads, graph=False)
+    p, state = own(params), own(opt.init(params))
+    with torch.no_grad():
+        for t, g in enumerate(grads):
+            storage = {k: v.data_ptr() for k, v in p.items()}
+            p, state = opt.step_(p, g, state)
+            for k in p:  # bitwise: the same kernels, into other memory
+                assert torch.equal(p[k], fast[t][k]), (t, k)
+            if name != "per_key_lr":  # a per-weight rate has no fused path: step_ is step
+                assert all(p[k].data_ptr() == storage[k] for k in p), "step_ did not update in place"
+    for a, b in zip(torch.utils._pytree.tree_leaves(state), torch.utils._pytree.tree_leaves(state_out)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["compiled_gates", "eager_gates"])
+def test_lstm_in_place_step_equals_the_out_of_place_one(kernel):
+    opt = l2o.load_optimizer(SHIPPED[0]) if SHIPPED else l2o.optim.LSTMOptimizer(inputs="rich", readout="dir_mag")
+    params, grads = _problem()
+    with contextlib.nullcontext() if kernel else lstm_kernel.disabled():
+        fast, _ = _run(opt, params, grads, graph=False)
+        p, state = own(params), opt.init(params)
+        with torch.no_grad():
+            for t, g in enumerate(grads):
+                storage = [v.data_ptr() for v in [*p.values(), *state["h"], *state["c"]]]
+                p, state = opt.step_(p, g, state)
+                assert [v.data_ptr() for v in [*p.values(), *state["h"], *state["c"]]] == storage
+                for k in p:
+                    assert torch.equal(p[k], fast[t][k]), (t, k)
+        n = sum(v.numel() for v in params.values())
+        zero = params["p0"].new_zeros(opt.hidden, n).t()
+        shared = {**opt.init(params), "h": [zero] * opt.layers, "c": [zero] * opt.layers}  # one tensor for all
+        with torch.no_grad():
+            out, new = opt.step_(own(params), grads[0], shared)  # falls back to the out-of-place step
+    assert not zero.any() and torch.equal(out["p0"], fast[0]["p0"])
+
+
+@pytest.mark.parametrize("make", [lambda: l2o.optim.Adam(lr=0.02), lambda: l2o.optim.Momentum(lr=0.05, nesterov=True),
+                                  lambda: l2o.optim.AdaptiveScale(l2o.optim.Adam(lr=0.02), beta=0.3),
+                                  lambda: l2o.optim.LSTMOptimizer(inputs="rich", readout="dir_mag")],
+                         ids=["adam", "nesterov", "adaptive_adam", "lstm"])
+def test_unroll_without_graph_never_writes_the_callers_tensors(make):
+    gen = torch.Generator().manual_seed(3)
+    target = {"w": torch.randn(4, 3, generator=gen), "b": torch.randn(3, generator=gen)}
+
+    def loss(p, h, t):
+        return ((p["w"] - target["w"]) ** 2).sum() + (1 + 0.1 * t) * ((p["b"] - target["b"]) ** 2).sum()
+    opt = make()
+    params = {k: torch.randn(v.shape, generator=gen) for k, v in target.items()}
+    state = opt.init(params)
+    kept = own((params, state))
+    fast = unroll(loss, params, {}, opt, 7, state=state, graph=False)  # in place on its own copies
+    slow = unroll(loss, params, {}, opt, 7, state=state, graph=False, callback=lambda t, p, v: None)
+    for a, b in zip(torch.utils._pytree.tree_leaves((params, state)), torch.utils._pytree.tree_leaves(kept)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert fast.losses == slow.losses and fast.losses[-1] != fast.losses[0]  # it moved (an untrained LSTM may climb)
+    for k in params:
+        assert torch.equal(fast.params[k], slow.params[k]) and not fast.params[k].requires_grad
+    again = unroll(loss, fast.params, {}, opt, 3, state=fast.state, start=7, graph=False)  # continuing from a result
+    ref = unroll(loss, slow.params, {}, opt, 3, state=slow.state, start=7, graph=False, callback=lambda t, p, v: None)
+    assert again.losses == ref.losses and torch.equal(fast.params["w"], slow.params["w"])
 
 
 def test_cached_decay_follows_in_place_updates():

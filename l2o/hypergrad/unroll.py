@@ -56,6 +56,11 @@ def detach(tree: Any) -> Any:
     return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, tree)
 
 
+def own(tree: Any) -> Any:
+    """Detached copies of every tensor of a tree: storage the loop may update in place."""
+    return tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, tree)
+
+
 def check_steps(steps: int, name: str = "steps") -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"{name} must be a positive integer, got {steps!r}")
@@ -88,17 +93,23 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
             off feeds the optimizer detached gradients, as the L2L paper does.
         meta_weights: indexed by absolute step ``t``; adds ``w_t * loss_t`` to the meta-loss.
         callback: ``callback(t, params_t, loss_t)`` after each loss evaluation.
+
+    Without a graph and without a callback the loop copies ``params`` and ``state`` once
+    and then updates its copies in place (``opt.step_``, as ``torch.optim`` does): the
+    caller's tensors are never written, and a large model's steps allocate nothing. A
+    callback may keep the tensors it is shown, so with one every step is out of place.
     """
     check_steps(steps)
     if state is None:
         state = opt.init(params)
     meta_loss: torch.Tensor | float = 0.0
     losses: list[float] = []
+    inplace = not graph and callback is None
     if not graph:
-        params, state = detach(params), detach(state)
+        params, state = (own(params), own(state)) if inplace else (detach(params), detach(state))
     for t in range(start, start + steps):
         s = inner_step(inner_loss, params, hparams, opt, state, t, graph=graph, second_order=second_order,
-                       callback=callback)
+                       callback=callback, inplace=inplace)
         losses.append(s.value)
         if not s.finite:
             return UnrollResult(params, state, meta_loss, losses, finite=False)
@@ -154,11 +165,13 @@ class InnerStep:
 
 def inner_step(inner_loss: InnerLoss, params: Params, hparams: dict, opt, state: Any, t: int, *,
                graph: bool = True, second_order: bool = True, linearize: bool = False,
-               callback: Callable[[int, Params, float], None] | None = None) -> InnerStep:
+               callback: Callable[[int, Params, float], None] | None = None, inplace: bool = False) -> InnerStep:
     """One inner step: loss, gradient, the non-finite stop, the optimizer step.
 
     Args:
         graph, second_order: as for :func:`unroll` (ignored with ``linearize``).
+        inplace: without a graph, step with ``opt.step_``, writing the new parameters and
+            state into the given tensors (the caller owns them and drops the old values).
         linearize: forward mode. The primal step is taken without a graph, and the step
             also returns what tangents need: ``d loss / d (params, hparams)`` (with the graph
             of the gradient when ``second_order``, for its Jacobian-vector products), the
@@ -192,6 +205,9 @@ def inner_step(inner_loss: InnerLoss, params: Params, hparams: dict, opt, state:
     if not linearize:
         if graph:
             new_params, new_state = opt.step(p_in, grads, state)
+        elif inplace:
+            with torch.no_grad():  # into the caller's storage (detached views: no grad flag leaks out)
+                new_params, new_state = opt.step_({k: v.detach() for k, v in p_in.items()}, grads, state)
         else:
             with torch.no_grad():  # no graph is recorded, so p_in needs no detaching
                 new_params, new_state = opt.step(p_in, grads, state)

@@ -139,6 +139,48 @@ class DifferentiableOptimizer(nn.Module):
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         raise NotImplementedError
 
+    def fused_names(self) -> tuple[str, ...]:
+        """Hyperparameters read by the fused no-graph path (``_fused``); () when there is none."""
+        return ()
+
+    def _try_fused(self, params: Params, grads: Params, state: State, inplace: bool) -> tuple[Params, State] | None:
+        """The fused no-graph step when :meth:`scalars` allows it, else None."""
+        names = self.fused_names()
+        if not names:
+            return None
+        keys = list(params)
+        h = self.scalars(names, keys)
+        return None if h is None else self._fused(keys, params, grads, state, h, inplace)
+
+    def _fused(self, keys: list[str], params: Params, grads: Params, state: State, h: dict[str, float],
+               inplace: bool) -> tuple[Params, State]:
+        raise NotImplementedError
+
+    def step_(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        """``step`` without a graph that may write the result into ``params``' and ``state``'s tensors.
+
+        For callers that own those tensors and drop them after the step (``unroll``
+        without a graph, the ``torch.optim`` adapter): the update is the same arithmetic
+        as :meth:`step`, in place, as ``torch.optim`` updates, so a large model's step
+        allocates nothing. The given tensors must not be used afterwards except through
+        the returned ``(params, state)``. Call it under ``torch.no_grad()``. By default
+        it is :meth:`step` where no fused path applies.
+        """
+        out = self._try_fused(params, grads, state, True)
+        return out if out is not None else self.step(params, grads, state)
+
+
+def foreach(op: str, inplace: bool, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> list[torch.Tensor]:
+    """``torch._foreach_<op>(tensors, ...)``: into ``tensors`` themselves (returned) or out of place.
+
+    One expression serves both kinds of step, so the in-place and the out-of-place
+    update run the very same kernels (bitwise equal results).
+    """
+    if inplace:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
+        return tensors
+    return getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs)
+
 
 class substitute:
     """Context manager: inside it, ``opt`` uses ``mapping[id(t)]`` wherever it used tensor ``t``.

@@ -4,13 +4,14 @@ With constant hyperparameters each reproduces the matching ``torch.optim`` traje
 (tested in float64); written out-of-place so that gradients reach the hyperparameters.
 Without a graph (``torch.no_grad()``) and with one value of each hyperparameter for all
 parameters, ``step`` runs the same arithmetic as a handful of ``torch._foreach_*`` calls
-over every tensor at once (still out of place: the old params and state stay valid).
+over every tensor at once: out of place in ``step`` (the old params and state stay
+valid), in place in ``step_`` (for callers that own them, as ``torch.optim`` updates).
 """
 from __future__ import annotations
 
 import torch
 
-from .base import DifferentiableOptimizer, Params, State
+from .base import DifferentiableOptimizer, Params, State, foreach
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -29,12 +30,17 @@ class SGD(DifferentiableOptimizer):
     def init(self, params: Params) -> State:
         return {"step": 0}
 
+    def fused_names(self) -> tuple[str, ...]:
+        return ("lr",)
+
+    def _fused(self, keys, params, grads, state, h, inplace):
+        new = foreach("add", inplace, list(params.values()), [grads[k] for k in keys], alpha=-h["lr"])
+        return dict(zip(keys, new)), {"step": state["step"] + 1}
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        keys = list(params)
-        h = self.scalars(("lr",), keys)
-        if h is not None:
-            new = torch._foreach_add(list(params.values()), [grads[k] for k in keys], alpha=-h["lr"])
-            return dict(zip(keys, new)), {"step": state["step"] + 1}
+        fused = self._try_fused(params, grads, state, False)
+        if fused is not None:
+            return fused
         lr = self.hparam_getter("lr")
         new = {k: torch.addcmul(p, lr(k), grads[k], value=-1.0) for k, p in params.items()}
         return new, {"step": state["step"] + 1}
@@ -64,11 +70,13 @@ class Momentum(DifferentiableOptimizer):
         """``key -> lr_at(step, key)`` (the constant rate computed once per step)."""
         return self.hparam_getter("lr")
 
+    def fused_names(self) -> tuple[str, ...]:
+        return tuple(self._kinds)
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        keys = list(params)
-        h = self.scalars(tuple(self._kinds), keys)
-        if h is not None:
-            return self._fused_step(keys, params, grads, state, h)
+        fused = self._try_fused(params, grads, state, False)
+        if fused is not None:
+            return fused
         new_p, new_b = {}, {}
         momentum, lr = self.hparam_getter("momentum"), self.lr_getter(state["step"])
         for k, p in params.items():
@@ -81,16 +89,16 @@ class Momentum(DifferentiableOptimizer):
             new_b[k] = b
         return new_p, {"step": state["step"] + 1, "buf": new_b}
 
-    def _fused_step(self, keys: list[str], params: Params, grads: Params, state: State, h: dict[str, float]
-                    ) -> tuple[Params, State]:
+    def _fused(self, keys, params, grads, state, h, inplace):
         mu, g = h["momentum"], [grads[k] for k in keys]
         lr = float(self.lr_at(state["step"], keys[0]))
-        b = torch._foreach_add(g, [state["buf"][k] for k in keys], alpha=mu)  # g + mu buf: one pass
+        b = foreach("mul", inplace, [state["buf"][k] for k in keys], mu)  # mu buf + g, as torch.optim orders it
+        torch._foreach_add_(b, g)
         if self.nesterov:  # p - lr (g + mu b), without materialising g + mu b
-            new_p = torch._foreach_add(list(params.values()), g, alpha=-lr)
+            new_p = foreach("add", inplace, list(params.values()), g, alpha=-lr)
             torch._foreach_add_(new_p, b, alpha=-lr * mu)
         else:
-            new_p = torch._foreach_add(list(params.values()), b, alpha=-lr)
+            new_p = foreach("add", inplace, list(params.values()), b, alpha=-lr)
         return dict(zip(keys, new_p)), {"step": state["step"] + 1, "buf": dict(zip(keys, b))}
 
 
@@ -126,23 +134,31 @@ class Adam(DifferentiableOptimizer):
         self._config["eps"] = self.eps
 
     def init(self, params: Params) -> State:
-        z = {k: torch.zeros_like(p) for k, p in params.items()}
-        return {"step": 0, "m": z, "v": dict(z)}
+        # m and v are separate tensors: an in-place step (step_) writes each
+        return {"step": 0, "m": {k: torch.zeros_like(p) for k, p in params.items()},
+                "v": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def fused_names(self) -> tuple[str, ...]:
+        return ("lr", "beta1", "beta2")
+
+    def _fused(self, keys, params, grads, state, h, inplace):
+        """The same arithmetic as :meth:`step`'s loop, over all tensors at once."""
+        t = state["step"] + 1
+        b1, b2, g = h["beta1"], h["beta2"], [grads[k] for k in keys]
+        m = foreach("lerp", inplace, [state["m"][k] for k in keys], g, 1 - b1)  # b1 m + (1 - b1) g, one pass
+        v = foreach("mul", inplace, [state["v"][k] for k in keys], b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - b2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - b2 ** t) ** 0.5)
+        torch._foreach_add_(denom, self.eps)
+        new_p = foreach("addcdiv", inplace, list(params.values()), m, denom, value=-h["lr"] / (1 - b1 ** t))
+        return dict(zip(keys, new_p)), {"step": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        fused = self._try_fused(params, grads, state, False)
+        if fused is not None:
+            return fused
         t = state["step"] + 1
-        keys = list(params)
-        h = self.scalars(("lr", "beta1", "beta2"), keys)
-        if h is not None:  # the same arithmetic as below, fused over all tensors
-            b1, b2, g = h["beta1"], h["beta2"], [grads[k] for k in keys]
-            m = torch._foreach_lerp([state["m"][k] for k in keys], g, 1 - b1)  # b1 m + (1 - b1) g, one pass
-            v = torch._foreach_mul([state["v"][k] for k in keys], b2)
-            torch._foreach_addcmul_(v, g, g, value=1 - b2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, (1 - b2 ** t) ** 0.5)
-            torch._foreach_add_(denom, self.eps)
-            new_p = torch._foreach_addcdiv(list(params.values()), m, denom, value=-h["lr"] / (1 - b1 ** t))
-            return dict(zip(keys, new_p)), {"step": t, "m": dict(zip(keys, m)), "v": dict(zip(keys, v))}
         new_p, m_new, v_new = {}, {}, {}
         beta1, beta2, lr = self.hparam_getter("beta1"), self.hparam_getter("beta2"), self.hparam_getter("lr")
         for k, p in params.items():
@@ -168,17 +184,23 @@ class RMSprop(DifferentiableOptimizer):
     def init(self, params: Params) -> State:
         return {"step": 0, "v": {k: torch.zeros_like(p) for k, p in params.items()}}
 
+    def fused_names(self) -> tuple[str, ...]:
+        return ("lr", "alpha")
+
+    def _fused(self, keys, params, grads, state, h, inplace):
+        """The same arithmetic as :meth:`step`'s loop, over all tensors at once."""
+        a, g = h["alpha"], [grads[k] for k in keys]
+        v = foreach("mul", inplace, [state["v"][k] for k in keys], a)
+        torch._foreach_addcmul_(v, g, g, value=1 - a)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, self.eps)
+        new_p = foreach("addcdiv", inplace, list(params.values()), g, denom, value=-h["lr"])
+        return dict(zip(keys, new_p)), {"step": state["step"] + 1, "v": dict(zip(keys, v))}
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
-        keys = list(params)
-        h = self.scalars(("lr", "alpha"), keys)
-        if h is not None:  # the same arithmetic as below, fused over all tensors
-            a, g = h["alpha"], [grads[k] for k in keys]
-            v = torch._foreach_mul([state["v"][k] for k in keys], a)
-            torch._foreach_addcmul_(v, g, g, value=1 - a)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_add_(denom, self.eps)
-            new_p = torch._foreach_addcdiv(list(params.values()), g, denom, value=-h["lr"])
-            return dict(zip(keys, new_p)), {"step": state["step"] + 1, "v": dict(zip(keys, v))}
+        fused = self._try_fused(params, grads, state, False)
+        if fused is not None:
+            return fused
         new_p, v_new = {}, {}
         alpha, lr = self.hparam_getter("alpha"), self.hparam_getter("lr")
         for k, p in params.items():

@@ -137,8 +137,9 @@ class LSTMOptimizer(DifferentiableOptimizer):
         like = next(iter(params.values())).detach()
         # Stored as [hidden, N] (seen as [N, hidden] views): every gate is a contiguous
         # block of rows, so the elementwise work runs on contiguous memory.
-        z = like.new_zeros(self.hidden, n).t()
-        state: State = {"step": 0, "h": [z] * self.layers, "c": [z] * self.layers}
+        # One tensor each (no sharing), so that step_ may write every state in place.
+        state: State = {"step": 0, "h": [like.new_zeros(self.hidden, n).t() for _ in range(self.layers)],
+                        "c": [like.new_zeros(self.hidden, n).t() for _ in range(self.layers)]}
         if self.inputs == "rich":
             state["feat"] = preprocess.rich_init(n, like)
         return state
@@ -197,17 +198,40 @@ class LSTMOptimizer(DifferentiableOptimizer):
                 update, hs, cs = self._fused_step(x.t(), state["h"], state["c"])
         else:
             update, hs, cs = self._fused_step(x.t(), state["h"], state["c"])
+        return self._updated(params, update, state, hs, cs, feat_state, inplace=False)
+
+    def step_(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        """The no-graph step writing the new parameters and LSTM states into the given tensors.
+
+        The same arithmetic as :meth:`step` (bitwise); it falls back to :meth:`step`
+        where the fused feature-major path does not run (compiled mode, torch.func
+        transforms) or when the states are not separate ``[hidden, N]`` storages.
+        """
+        if (torch.is_grad_enabled() or getattr(self, "_compiled_enabled", False)
+                or torch._C._functorch.peek_interpreter_stack() is not None or not _separate(state)):
+            return self.step(params, grads, state)
+        keys = list(params)
+        g = torch.cat([grads[k].reshape(-1) for k in keys])
+        x, feat_state = self._features(g, state)
+        update, hs, cs = self._fused_step(x.t(), state["h"], state["c"], into=True)
+        return self._updated(params, update, state, hs, cs, feat_state, inplace=True)
+
+    @staticmethod
+    def _updated(params: Params, update: torch.Tensor, state: State, hs: list, cs: list, feat_state: dict | None,
+               inplace: bool) -> tuple[Params, State]:
+        """``params + update`` (into ``params`` when ``inplace``) and the new state."""
         new_params, offset = {}, 0
-        for k in keys:
-            n = params[k].numel()
-            new_params[k] = params[k] + update[offset:offset + n].view_as(params[k])
+        for k, p in params.items():
+            n = p.numel()
+            u = update[offset:offset + n].view_as(p)
+            new_params[k] = p.add_(u) if inplace else p + u
             offset += n
         new_state: State = {"step": state["step"] + 1, "h": hs, "c": cs}
         if feat_state is not None:
             new_state["feat"] = feat_state
         return new_params, new_state
 
-    def _fused_step(self, xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor]
+    def _fused_step(self, xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], into: bool = False
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """:func:`cell_core` without a graph, feature-major, on reused work buffers.
 
@@ -216,18 +240,24 @@ class LSTMOptimizer(DifferentiableOptimizer):
         (:mod:`l2o.optim.lstm_kernel`, eager operations where it is unavailable) and the cell
         output's ``tanh`` is ``2 sigmoid(2 c) - 1``. States go in and come out as
         ``[N, hidden]`` views of ``[hidden, N]`` storage. Returns ``(update [N], hidden
-        states, cell states)``.
+        states, cell states)``; ``into``: the new states are written into ``hs`` and ``cs``.
         """
         H, n = self.hidden, xT.shape[1]
         buf = getattr(self, "_scratch", None)
         if buf is None or buf[0].shape != (4 * H, n) or buf[0].dtype != xT.dtype or buf[0].device != xT.device:
-            buf = self._scratch = [xT.new_empty(4 * H, n), xT.new_empty(H, n)]
+            buf = self._scratch = [xT.new_empty(4 * H, n), xT.new_empty(H, n), xT.new_empty(H, n)]
         hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in hs]
         cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in cs]
         update, new_h, new_c, _ = forward_fm(xT if xT.is_contiguous() else xT.contiguous(), hT, cT,
                                              self._weights(), H, self.readout, self.output_scale, self.skip_gain,
-                                             save=False, scratch=buf)
+                                             save=False, scratch=buf, into=into)
         return update, [h.t() for h in new_h], [c.t() for c in new_c]
+
+
+def _separate(state: State) -> bool:
+    """Whether every LSTM state is an ``[N, hidden]`` view of its own ``[hidden, N]`` storage (step_ writes them)."""
+    ts = [*state["h"], *state["c"]]
+    return all(t.t().is_contiguous() for t in ts) and len({t.untyped_storage().data_ptr() for t in ts}) == len(ts)
 
 
 def cell_core(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],

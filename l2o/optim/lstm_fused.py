@@ -26,13 +26,15 @@ MAX_LOG_MAGNITUDE = 8.0  # mirrors l2o.optim.lstm (imported there from here woul
 
 def forward_fm(xT: torch.Tensor, hsT: list[torch.Tensor], csT: list[torch.Tensor], weights: list[torch.Tensor],
                hidden: int, readout: str, output_scale: float, skip_gain: float, save: bool,
-               scratch: list[torch.Tensor] | None = None):
+               scratch: list[torch.Tensor] | None = None, into: bool = False):
     """The stacked cell and readout feature-major: ``xT [F, N]``, states ``[H, N]``, no graph recorded.
 
     Returns ``(update [N], new hT, new cT, saved)``; ``saved`` holds, per layer, the gate
     activations ``s [4H, N]`` and ``t = tanh(c') [H, N]``, then the readout's ``[d; s]``
     pre-activations and ``exp(clamp(s))`` (empty unless ``save``). Without ``save``, the
     ``[4H, N]`` and ``[H, N]`` work matrices are ``scratch`` (reused across steps) if given.
+    ``into`` (no ``save``; ``scratch`` holding a third ``[H, N]`` matrix): the new states
+    are written into ``hsT`` and ``csT`` themselves and returned (the same arithmetic).
     """
     H = hidden
     new_h, new_c, saved = [], [], []
@@ -43,18 +45,23 @@ def forward_fm(xT: torch.Tensor, hsT: list[torch.Tensor], csT: list[torch.Tensor
         k = inp.shape[0]
         pre = scratch[0] if scratch is not None and not save else xT.new_empty(4 * H, xT.shape[1])
         torch.addmm(b[:, None], w[:, :k], inp, out=pre)
-        pre.addmm_(w[:, k:], h)
+        pre.addmm_(w[:, k:], h)  # the last read of h: h' may go into its storage
         if fast:  # one compiled pass: sigmoids in place, c', tanh(c'), h'
             t = scratch[1] if scratch is not None and not save else torch.empty_like(c)
-            c_new, h_new = torch.empty_like(c), torch.empty_like(c)
-            lstm_kernel.gates_forward(pre, c, c_new, t, h_new)
+            if into:  # c' through a work matrix: the kernel's inputs and outputs never alias
+                c_new, h_new = scratch[2], h
+                lstm_kernel.gates_forward(pre, c, c_new, t, h_new)
+                c_new = c.copy_(c_new)
+            else:
+                c_new, h_new = torch.empty_like(c), torch.empty_like(c)
+                lstm_kernel.gates_forward(pre, c, c_new, t, h_new)
         else:
             pre.sigmoid_()
             ig, fg, og, gg = pre[:H], pre[H:2 * H], pre[2 * H:3 * H], pre[3 * H:]
-            c_new = torch.mul(fg, c)
+            c_new = c.mul_(fg) if into else torch.mul(fg, c)
             c_new.addcmul_(ig, gg, value=2.0).sub_(ig)  # f c + i (2 q - 1)
             t = torch.mul(c_new, 2.0).sigmoid_().mul_(2.0).sub_(1.0)  # tanh(c') = 2 sigmoid(2 c') - 1
-            h_new = torch.mul(og, t)
+            h_new = torch.mul(og, t, out=h) if into else torch.mul(og, t)
         if save:
             saved += [pre, t]
         new_h.append(h_new)

@@ -177,18 +177,23 @@ class WeightDecay(DifferentiableOptimizer):
         return self.base.init(params)
 
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        return self.base.step(params, self._decayed(params, grads), state)
+
+    def step_(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
+        return self.base.step_(params, self._decayed(params, grads), state)
+
+    def _decayed(self, params: Params, grads: Params) -> Params:
+        """``g + decay * p`` for every parameter (new tensors: the caller's gradients stay as they were)."""
         if not torch.is_grad_enabled():  # no graph: one fused call over all tensors
             keys = list(params)
             g = [grads[k] for k in keys]
             if self.per_weight:
-                decayed = torch._foreach_addcmul(g, [self._decay_constant(k) for k in keys], list(params.values()))
-                return self.base.step(params, dict(zip(keys, decayed)), state)
+                return dict(zip(keys, torch._foreach_addcmul(g, [self._decay_constant(k) for k in keys],
+                                                             list(params.values()))))
             wd = self.scalars(("weight_decay",), keys)
             if wd is not None:
-                decayed = torch._foreach_add(g, list(params.values()), alpha=wd["weight_decay"])
-                return self.base.step(params, dict(zip(keys, decayed)), state)
-        decayed = {k: grads[k] + self.decay(k) * p for k, p in params.items()}
-        return self.base.step(params, decayed, state)
+                return dict(zip(keys, torch._foreach_add(g, list(params.values()), alpha=wd["weight_decay"])))
+        return {k: grads[k] + self.decay(k) * p for k, p in params.items()}
 
     def _decay_constant(self, key: str) -> torch.Tensor:
         """``decay(key)`` without a graph, recomputed only when its raw parameter changed.
