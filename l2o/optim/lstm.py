@@ -18,7 +18,7 @@ from torch import nn
 
 from . import preprocess
 from .base import DifferentiableOptimizer, Params, State
-from .lstm_fused import FusedCell, forward_fm
+from .lstm_fused import FusedCell, forward_cm
 
 INPUTS = ("paper", "plain", "rich")
 READOUTS = ("linear", "dir_mag")
@@ -135,11 +135,11 @@ class LSTMOptimizer(DifferentiableOptimizer):
     def init(self, params: Params) -> State:
         n = sum(p.numel() for p in params.values())
         like = next(iter(params.values())).detach()
-        # Stored as [hidden, N] (seen as [N, hidden] views): every gate is a contiguous
-        # block of rows, so the elementwise work runs on contiguous memory.
-        # One tensor each (no sharing), so that step_ may write every state in place.
-        state: State = {"step": 0, "h": [like.new_zeros(self.hidden, n).t() for _ in range(self.layers)],
-                        "c": [like.new_zeros(self.hidden, n).t() for _ in range(self.layers)]}
+        # [N, hidden], contiguous (the no-graph step's layout; the graph path's one-node
+        # cell returns [hidden, N] storage seen as [N, hidden]); one tensor each, not
+        # shared, so that step_ may update every state in place
+        state: State = {"step": 0, "h": [like.new_zeros(n, self.hidden) for _ in range(self.layers)],
+                        "c": [like.new_zeros(n, self.hidden) for _ in range(self.layers)]}
         if self.inputs == "rich":
             state["feat"] = preprocess.rich_init(n, like)
         return state
@@ -195,25 +195,25 @@ class LSTMOptimizer(DifferentiableOptimizer):
                 warnings.warn(f"LSTMOptimizer: torch.compile failed ({type(exc).__name__}: {exc}); "
                               f"using the eager fused step", RuntimeWarning, stacklevel=2)
                 self._compile_failed = True
-                update, hs, cs = self._fused_step(x.t(), state["h"], state["c"])
+                update, hs, cs = self._fused_step(x, state["h"], state["c"])
         else:
-            update, hs, cs = self._fused_step(x.t(), state["h"], state["c"])
+            update, hs, cs = self._fused_step(x, state["h"], state["c"])
         return self._updated(params, update, state, hs, cs, feat_state, inplace=False)
 
     def step_(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         """The no-graph step writing the new parameters and LSTM states into the given tensors.
 
-        The same arithmetic as :meth:`step` (bitwise); it falls back to :meth:`step`
-        where the fused feature-major path does not run (compiled mode, torch.func
-        transforms) or when the states are not separate ``[hidden, N]`` storages.
+        The same arithmetic as :meth:`step` (bitwise); :meth:`step` itself where the
+        fused path does not run (compiled mode, torch.func transforms). States that are
+        not contiguous, unshared ``[N, hidden]`` tensors are replaced, not written.
         """
         if (torch.is_grad_enabled() or getattr(self, "_compiled_enabled", False)
-                or torch._C._functorch.peek_interpreter_stack() is not None or not _separate(state)):
+                or torch._C._functorch.peek_interpreter_stack() is not None):
             return self.step(params, grads, state)
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
         x, feat_state = self._features(g, state)
-        update, hs, cs = self._fused_step(x.t(), state["h"], state["c"], into=True)
+        update, hs, cs = self._fused_step(x, state["h"], state["c"], into=_separate(state))
         return self._updated(params, update, state, hs, cs, feat_state, inplace=True)
 
     @staticmethod
@@ -231,33 +231,27 @@ class LSTMOptimizer(DifferentiableOptimizer):
             new_state["feat"] = feat_state
         return new_params, new_state
 
-    def _fused_step(self, xT: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], into: bool = False
+    def _fused_step(self, x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], into: bool = False
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """:func:`cell_core` without a graph, feature-major, on reused work buffers.
+        """:func:`cell_core` without a graph (:func:`l2o.optim.lstm_fused.forward_cm`), on a reused work matrix.
 
-        Works on ``[features, N]`` matrices (:func:`l2o.optim.lstm_fused.forward_fm`): each
-        gate is a contiguous block of rows, the gates' elementwise work is one compiled pass
-        (:mod:`l2o.optim.lstm_kernel`, eager operations where it is unavailable) and the cell
-        output's ``tanh`` is ``2 sigmoid(2 c) - 1``. States go in and come out as
-        ``[N, hidden]`` views of ``[hidden, N]`` storage. Returns ``(update [N], hidden
-        states, cell states)``; ``into``: the new states are written into ``hs`` and ``cs``.
+        Coordinate-major ``[N, 4 hidden]`` gate products, the gates' elementwise work in
+        one compiled pass (:mod:`l2o.optim.lstm_kernel`, eager operations where it is
+        unavailable), the cell output's ``tanh`` as ``2 sigmoid(2 c) - 1``. Returns
+        ``(update [N], hidden states, cell states)``; ``into``: written into ``hs``, ``cs``.
         """
-        H, n = self.hidden, xT.shape[1]
+        H, n = self.hidden, x.shape[0]
         buf = getattr(self, "_scratch", None)
-        if buf is None or buf[0].shape != (4 * H, n) or buf[0].dtype != xT.dtype or buf[0].device != xT.device:
-            buf = self._scratch = [xT.new_empty(4 * H, n), xT.new_empty(H, n), xT.new_empty(H, n)]
-        hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in hs]
-        cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in cs]
-        update, new_h, new_c, _ = forward_fm(xT if xT.is_contiguous() else xT.contiguous(), hT, cT,
-                                             self._weights(), H, self.readout, self.output_scale, self.skip_gain,
-                                             save=False, scratch=buf, into=into)
-        return update, [h.t() for h in new_h], [c.t() for c in new_c]
+        if buf is None or buf.shape != (n, 4 * H) or buf.dtype != x.dtype or buf.device != x.device:
+            buf = self._scratch = x.new_empty(n, 4 * H)
+        return forward_cm(x, hs, cs, self._weights(), H, self.readout, self.output_scale, self.skip_gain,
+                          into=into, scratch=buf)
 
 
 def _separate(state: State) -> bool:
-    """Whether every LSTM state is an ``[N, hidden]`` view of its own ``[hidden, N]`` storage (step_ writes them)."""
+    """Whether every LSTM state is a contiguous ``[N, hidden]`` tensor with storage of its own (step_ writes them)."""
     ts = [*state["h"], *state["c"]]
-    return all(t.t().is_contiguous() for t in ts) and len({t.untyped_storage().data_ptr() for t in ts}) == len(ts)
+    return all(t.is_contiguous() for t in ts) and len({t.untyped_storage().data_ptr() for t in ts}) == len(ts)
 
 
 def cell_core(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
@@ -267,8 +261,8 @@ def cell_core(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], w
 
     Per layer, with ``s = sigmoid([x, h] W^T + b)`` split in ``[i, f, o, g]`` blocks of
     ``hidden`` columns: ``c' = f c + i (2 g - 1)``, ``h' = o tanh(c')``. Coordinate-major
-    with one product per layer: the cheaper layout for autograd (measured against the
-    feature-major one of :meth:`LSTMOptimizer._fused_step`, which wins without a graph).
+    with one product per layer and ``[x, h]`` concatenated: the recorded reference, and
+    what ``torch.compile`` and torch.func transforms run.
 
     Returns:
         ``(update [N], new hidden states, new cell states)``, states as ``[N, hidden]``.

@@ -83,6 +83,31 @@ void gates_fwd_SFX(T *restrict pre, const T *restrict c, T *restrict c_new, T *r
     }
 }
 
+/* Coordinate-major, no graph: pre [N, 4H] (row n holds the i, f, o, q products of
+   coordinate n) and the bias b [4H] they still lack, c [N, H] the cell state, updated in
+   place (each element is read, then written, by the same iteration), h [N, H] out. */
+void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c, T *restrict h,
+                      int64_t H, int64_t N) {
+    const T *restrict bi = b, *restrict bf = b + H, *restrict bo = b + 2 * H, *restrict bq = b + 3 * H;
+    for (int64_t n = 0; n < N; ++n) {
+        const T *restrict pi = pre + n * 4 * H;
+        const T *restrict pf = pi + H;
+        const T *restrict po = pi + 2 * H;
+        const T *restrict pq = pi + 3 * H;
+        T *restrict cn = c + n * H;
+        T *restrict hn = h + n * H;
+        for (int64_t j = 0; j < H; ++j) {
+            T i = (T)1 / ((T)1 + EXP(-(pi[j] + bi[j])));
+            T f = (T)1 / ((T)1 + EXP(-(pf[j] + bf[j])));
+            T o = (T)1 / ((T)1 + EXP(-(po[j] + bo[j])));
+            T q = (T)1 / ((T)1 + EXP(-(pq[j] + bq[j])));
+            T cc = f * cn[j] + i * ((T)2 * q - (T)1);
+            cn[j] = cc;
+            hn[j] = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
+        }
+    }
+}
+
 /* s [4H, N] sigmoids, t [H, N], c [H, N] the previous cell state, dh and dc [H, N] the incoming
    gradients; out: dpre [4H, N] (gradient of the pre-activations), dc_prev [H, N]. */
 void gates_bwd_SFX(const T *restrict s, const T *restrict t, const T *restrict c, const T *restrict dh,
@@ -151,6 +176,7 @@ def _build() -> ctypes.CDLL:
     for sfx in ("f32", "f64"):
         getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
+        getattr(lib, f"gates_fwd_cm_{sfx}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
     return lib
 
 
@@ -203,6 +229,12 @@ def gates_forward(pre: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, t: to
     """In place: ``pre`` [4H, N] becomes the gate sigmoids; writes ``c_new``, ``t = tanh(c_new)``, ``h_new``."""
     H, N = c.shape
     getattr(kernel(), f"gates_fwd_{_sfx(pre, c, c_new, t, h_new)}")(_p(pre), _p(c), _p(c_new), _p(t), _p(h_new), H, N)
+
+
+def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
+    """Coordinate-major, no graph: from ``pre + b`` ([N, 4H] + [4H]), updates ``c`` [N, H] in place, writes ``h``."""
+    N, H = c.shape
+    getattr(kernel(), f"gates_fwd_cm_{_sfx(pre, b, c, h)}")(_p(pre), _p(b), _p(c), _p(h), H, N)
 
 
 def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
