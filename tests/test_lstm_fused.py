@@ -1,6 +1,8 @@
 """The LSTM optimizer's one-node cell (hand-written backward) and its compiled gate kernel equal the recorded cell."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,11 +139,20 @@ def test_kernel_propagates_nan_and_saturates():
     pre = pre.view(4, 4).t().contiguous()  # each gate row holds nan, 100, -100, 0
     c = torch.zeros(1, 4, dtype=torch.float32)
     c_new, t, h = torch.empty_like(c), torch.empty_like(c), torch.empty_like(c)
-    lstm_kernel.gates_forward(pre, c, c_new, t, h)
+    cm_pre = pre.t().contiguous()  # the coordinate-major twin
+    cm_c, cm_h = torch.zeros(4, 1, dtype=torch.float32), torch.empty(4, 1, dtype=torch.float32)
+    zero_bias = torch.zeros(4, dtype=torch.float32)
+    lstm_kernel.gates_forward(pre, zero_bias, c, c_new, t, h)
     assert torch.isnan(pre[:, 0]).all() and torch.isnan(h[0, 0])
     torch.testing.assert_close(pre[:, 1:], torch.tensor([1.0, 0.0, 0.5], dtype=torch.float32).expand(4, 3),
                                rtol=0, atol=1e-7)
     assert torch.isfinite(h[0, 1:]).all()
+    lstm_kernel.gates_forward_cm(cm_pre, zero_bias, cm_c, cm_h)  # c updated in place
+    assert torch.isnan(cm_h[0, 0]) and torch.isnan(cm_c[0, 0])
+    torch.testing.assert_close(cm_c[1:, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32), rtol=0, atol=1e-7)
+    torch.testing.assert_close(cm_h[1:, 0], torch.tensor([math.tanh(1.0), 0.0, 0.0], dtype=torch.float32),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(cm_h[1:], h[:, 1:].t(), rtol=0, atol=1e-7)  # the two layouts agree
 
 
 def test_without_a_compiler_the_step_warns_once_and_runs_eagerly(monkeypatch, tmp_path):

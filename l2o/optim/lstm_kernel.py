@@ -52,11 +52,12 @@ static inline double exp_f64(double x) { return exp(x); }
 """
 
 _GATES = r"""
-/* pre [4H, N]: gate pre-activations in, sigmoids out; c [H, N] in; c_new, t = tanh(c_new), h_new out.
-   Rows are N apart. */
-void gates_fwd_SFX(T *restrict pre, const T *restrict c, T *restrict c_new, T *restrict t,
+/* pre [4H, N]: gate products in (the bias b [4H] still to add), sigmoids out; c [H, N] in;
+   c_new, t = tanh(c_new), h_new out. Rows are N apart. */
+void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T *restrict c_new, T *restrict t,
                    T *restrict h_new, int64_t H, int64_t N) {
     for (int64_t j = 0; j < H; ++j) {
+        const T bi = b[j], bf = b[H + j], bo = b[2 * H + j], bq = b[3 * H + j];
         T *restrict pi = pre + j * N;
         T *restrict pf = pre + (H + j) * N;
         T *restrict po = pre + (2 * H + j) * N;
@@ -66,10 +67,10 @@ void gates_fwd_SFX(T *restrict pre, const T *restrict c, T *restrict c_new, T *r
         T *restrict hn = h_new + j * N;
         T *restrict tj = t + j * N;
         for (int64_t n = 0; n < N; ++n) {
-            T i = (T)1 / ((T)1 + EXP(-pi[n]));
-            T f = (T)1 / ((T)1 + EXP(-pf[n]));
-            T o = (T)1 / ((T)1 + EXP(-po[n]));
-            T q = (T)1 / ((T)1 + EXP(-pq[n]));
+            T i = (T)1 / ((T)1 + EXP(-(pi[n] + bi)));
+            T f = (T)1 / ((T)1 + EXP(-(pf[n] + bf)));
+            T o = (T)1 / ((T)1 + EXP(-(po[n] + bo)));
+            T q = (T)1 / ((T)1 + EXP(-(pq[n] + bq)));
             pi[n] = i;
             pf[n] = f;
             po[n] = o;
@@ -174,7 +175,7 @@ def _build() -> ctypes.CDLL:
             os.replace(out, path)  # atomic: concurrent processes never load a half-written file
     lib = ctypes.CDLL(path)
     for sfx in ("f32", "f64"):
-        getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+        getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_fwd_cm_{sfx}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
     return lib
@@ -224,11 +225,13 @@ def _sfx(*tensors: torch.Tensor | None) -> str:
     return "f32" if ts[0].dtype == torch.float32 else "f64"
 
 
-def gates_forward(pre: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, t: torch.Tensor,
+def gates_forward(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, t: torch.Tensor,
                   h_new: torch.Tensor) -> None:
-    """In place: ``pre`` [4H, N] becomes the gate sigmoids; writes ``c_new``, ``t = tanh(c_new)``, ``h_new``."""
+    """In place: ``pre`` [4H, N] (products; bias ``b`` [4H] added here) becomes the gate sigmoids;
+    writes ``c_new``, ``t = tanh(c_new)``, ``h_new``."""
     H, N = c.shape
-    getattr(kernel(), f"gates_fwd_{_sfx(pre, c, c_new, t, h_new)}")(_p(pre), _p(c), _p(c_new), _p(t), _p(h_new), H, N)
+    getattr(kernel(), f"gates_fwd_{_sfx(pre, b, c, c_new, t, h_new)}")(_p(pre), _p(b), _p(c), _p(c_new), _p(t),
+                                                                      _p(h_new), H, N)
 
 
 def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: torch.Tensor) -> None:
