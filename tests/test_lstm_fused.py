@@ -20,7 +20,9 @@ def _inputs(readout, layers, feats, hidden=5, n=11, seed=0):
 
     def r(*shape):
         return torch.randn(*shape, generator=gen).requires_grad_()
-    x, hs, cs, ws = r(feats, n), [r(hidden, n) for _ in range(layers)], [r(hidden, n) for _ in range(layers)], []
+    # coordinate-major [n, features] / [n, hidden]; x as the features come, a view of [features, n] storage
+    x = torch.randn(feats, n, generator=gen).t().requires_grad_()
+    hs, cs, ws = [r(n, hidden) for _ in range(layers)], [r(n, hidden) for _ in range(layers)], []
     for i in range(layers):
         ws += [r(4 * hidden, (feats if i == 0 else hidden) + hidden), r(4 * hidden)]
     n_out = 1 if readout == "linear" else 2
@@ -40,9 +42,9 @@ def _recorded(meta):
     hidden, layers, readout, scale, gain = meta
 
     def f(x, *t):
-        u, nh, nc = cell_core(x.t(), [h.t() for h in t[:layers]], [c.t() for c in t[layers:2 * layers]],
-                              list(t[2 * layers:]), hidden, readout, scale, gain)
-        return (u, *[h.t() for h in nh], *[c.t() for c in nc])
+        u, nh, nc = cell_core(x, list(t[:layers]), list(t[layers:2 * layers]), list(t[2 * layers:]), hidden,
+                              readout, scale, gain)
+        return (u, *nh, *nc)
     return f
 
 
@@ -135,24 +137,24 @@ def test_compiled_step_equals_eager_in_float32():
 def test_kernel_propagates_nan_and_saturates():
     if lstm_kernel.kernel() is None:
         pytest.skip("no C compiler: the compiled kernel is unavailable")
-    pre = torch.tensor([float("nan"), 100.0, -100.0, 0.0], dtype=torch.float32).repeat_interleave(4)
-    pre = pre.view(4, 4).t().contiguous()  # each gate row holds nan, 100, -100, 0
-    c = torch.zeros(1, 4, dtype=torch.float32)
+    f32 = {"dtype": torch.float32}
+    # coordinate-major, H = 1: coordinate n's four gates are all nan, 100, -100, 0
+    pre = torch.tensor([float("nan"), 100.0, -100.0, 0.0], **f32)[:, None].repeat(1, 4).contiguous()
+    zero_bias, c = torch.zeros(4, **f32), torch.zeros(4, 1, **f32)
     c_new, t, h = torch.empty_like(c), torch.empty_like(c), torch.empty_like(c)
-    cm_pre = pre.t().contiguous()  # the coordinate-major twin
-    cm_c, cm_h = torch.zeros(4, 1, dtype=torch.float32), torch.empty(4, 1, dtype=torch.float32)
-    zero_bias = torch.zeros(4, dtype=torch.float32)
-    lstm_kernel.gates_forward(pre, zero_bias, c, c_new, t, h)
-    assert torch.isnan(pre[:, 0]).all() and torch.isnan(h[0, 0])
-    torch.testing.assert_close(pre[:, 1:], torch.tensor([1.0, 0.0, 0.5], dtype=torch.float32).expand(4, 3),
+    saving = pre.clone()
+    lstm_kernel.gates_forward(saving, zero_bias, c, c_new, t, h)  # with a graph: sigmoids into saving
+    assert torch.isnan(saving[0]).all() and torch.isnan(h[0, 0])
+    torch.testing.assert_close(saving[1:], torch.tensor([1.0, 0.0, 0.5], **f32)[:, None].expand(3, 4),
                                rtol=0, atol=1e-7)
-    assert torch.isfinite(h[0, 1:]).all()
-    lstm_kernel.gates_forward_cm(cm_pre, zero_bias, cm_c, cm_h)  # c updated in place
-    assert torch.isnan(cm_h[0, 0]) and torch.isnan(cm_c[0, 0])
-    torch.testing.assert_close(cm_c[1:, 0], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float32), rtol=0, atol=1e-7)
-    torch.testing.assert_close(cm_h[1:, 0], torch.tensor([math.tanh(1.0), 0.0, 0.0], dtype=torch.float32),
-                               rtol=0, atol=1e-6)
-    torch.testing.assert_close(cm_h[1:], h[:, 1:].t(), rtol=0, atol=1e-7)  # the two layouts agree
+    torch.testing.assert_close(c_new[1:, 0], torch.tensor([1.0, 0.0, 0.0], **f32), rtol=0, atol=1e-7)
+    torch.testing.assert_close(h[1:, 0], torch.tensor([math.tanh(1.0), 0.0, 0.0], **f32), rtol=0, atol=1e-6)
+    c2, h2 = torch.zeros(4, 1, **f32), torch.empty(4, 1, **f32)
+    lstm_kernel.gates_forward_cm(pre, zero_bias, c2, h2)  # without a graph: c updated in place
+    assert torch.isnan(c2[0, 0]) and torch.isnan(h2[0, 0])
+    assert torch.equal(c2[1:], c_new[1:]) and torch.equal(h2[1:], h[1:])  # the two passes agree
+    lstm_kernel.gates_forward_cm(pre, torch.full((4,), 200.0, **f32), c2, h2)  # the bias is added
+    torch.testing.assert_close(c2[2:, 0], torch.tensor([1.0, 1.0], **f32), rtol=0, atol=1e-7)
 
 
 def test_without_a_compiler_the_step_warns_once_and_runs_eagerly(monkeypatch, tmp_path):

@@ -135,8 +135,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
     def init(self, params: Params) -> State:
         n = sum(p.numel() for p in params.values())
         like = next(iter(params.values())).detach()
-        # [N, hidden], contiguous (the no-graph step's layout; the graph path's one-node
-        # cell returns [hidden, N] storage seen as [N, hidden]); one tensor each, not
+        # [N, hidden], contiguous, as the fused paths keep them; one tensor each, not
         # shared, so that step_ may update every state in place
         state: State = {"step": 0, "h": [like.new_zeros(n, self.hidden) for _ in range(self.layers)],
                         "c": [like.new_zeros(n, self.hidden) for _ in range(self.layers)]}
@@ -171,16 +170,13 @@ class LSTMOptimizer(DifferentiableOptimizer):
             update, hs, cs = cell_core(x, state["h"], state["c"], self._weights(), self.hidden, self.readout,
                                        self.output_scale, self.skip_gain)
         elif torch.is_grad_enabled() and not self.recorded_cell and g.device.type == "cpu":
-            # one autograd node per step with a hand-written backward (lstm_fused); states
-            # are [N, hidden] views of [hidden, N] storage, as in the no-graph path. CPU only:
-            # on a GPU its backward's extra small kernels made the meta-unroll 1.12x slower
-            # than the recorded cell (benchmarks/RESULTS.md)
-            hT = [h.t() if h.t().is_contiguous() else h.t().contiguous() for h in state["h"]]
-            cT = [c.t() if c.t().is_contiguous() else c.t().contiguous() for c in state["c"]]
+            # one autograd node per step with a hand-written backward (lstm_fused),
+            # coordinate-major as the no-graph path. CPU only: on a GPU its backward's extra
+            # small kernels made the meta-unroll 1.12x slower than the recorded cell
+            # (benchmarks/RESULTS.md)
             out = FusedCell.apply((self.hidden, self.layers, self.readout, self.output_scale, self.skip_gain),
-                                  x.t(), *hT, *cT, *self._weights())
-            update = out[0]
-            hs, cs = [h.t() for h in out[1:1 + self.layers]], [c.t() for c in out[1 + self.layers:]]
+                                  x, *state["h"], *state["c"], *self._weights())
+            update, hs, cs = out[0], list(out[1:1 + self.layers]), list(out[1 + self.layers:])
         elif torch.is_grad_enabled():  # the reference: every operation recorded by autograd
             update, hs, cs = cell_core(x, state["h"], state["c"], self._weights(), self.hidden, self.readout,
                                        self.output_scale, self.skip_gain)
@@ -245,7 +241,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
         if buf is None or buf.shape != (n, 4 * H) or buf.dtype != x.dtype or buf.device != x.device:
             buf = self._scratch = x.new_empty(n, 4 * H)
         return forward_cm(x, hs, cs, self._weights(), H, self.readout, self.output_scale, self.skip_gain,
-                          into=into, scratch=buf)
+                          into=into, scratch=buf)[:3]
 
 
 def _separate(state: State) -> bool:

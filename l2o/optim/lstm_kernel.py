@@ -52,89 +52,83 @@ static inline double exp_f64(double x) { return exp(x); }
 """
 
 _GATES = r"""
-/* pre [4H, N]: gate products in (the bias b [4H] still to add), sigmoids out; c [H, N] in;
-   c_new, t = tanh(c_new), h_new out. Rows are N apart. */
+/* Everything coordinate-major: row n of pre / s / dpre [N, 4H] holds the i, f, o, q gates of
+   coordinate n, rows of the states [N, H] are H apart. */
+#define ROWS(n) \
+    const int64_t g0 = (n) * 4 * H, r0 = (n) * H;
+
+/* With a graph: pre holds the gate products (the bias b [4H] still to add) and gets the
+   sigmoids; c [N, H] in; c_new, t = tanh(c_new), h_new out. */
 void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T *restrict c_new, T *restrict t,
                    T *restrict h_new, int64_t H, int64_t N) {
-    for (int64_t j = 0; j < H; ++j) {
-        const T bi = b[j], bf = b[H + j], bo = b[2 * H + j], bq = b[3 * H + j];
-        T *restrict pi = pre + j * N;
-        T *restrict pf = pre + (H + j) * N;
-        T *restrict po = pre + (2 * H + j) * N;
-        T *restrict pq = pre + (3 * H + j) * N;
-        const T *restrict cj = c + j * N;
-        T *restrict cn = c_new + j * N;
-        T *restrict hn = h_new + j * N;
-        T *restrict tj = t + j * N;
-        for (int64_t n = 0; n < N; ++n) {
-            T i = (T)1 / ((T)1 + EXP(-(pi[n] + bi)));
-            T f = (T)1 / ((T)1 + EXP(-(pf[n] + bf)));
-            T o = (T)1 / ((T)1 + EXP(-(po[n] + bo)));
-            T q = (T)1 / ((T)1 + EXP(-(pq[n] + bq)));
-            pi[n] = i;
-            pf[n] = f;
-            po[n] = o;
-            pq[n] = q;
-            T cc = f * cj[n] + i * ((T)2 * q - (T)1);
+    for (int64_t n = 0; n < N; ++n) {
+        ROWS(n)
+        T *restrict pi = pre + g0;
+        T *restrict pf = pi + H;
+        T *restrict po = pi + 2 * H;
+        T *restrict pq = pi + 3 * H;
+        for (int64_t j = 0; j < H; ++j) {
+            T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
+            T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
+            T o = (T)1 / ((T)1 + EXP(-(po[j] + b[2 * H + j])));
+            T q = (T)1 / ((T)1 + EXP(-(pq[j] + b[3 * H + j])));
+            pi[j] = i;
+            pf[j] = f;
+            po[j] = o;
+            pq[j] = q;
+            T cc = f * c[r0 + j] + i * ((T)2 * q - (T)1);
             T th = (T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1;
-            cn[n] = cc;
-            tj[n] = th;
-            hn[n] = o * th;
+            c_new[r0 + j] = cc;
+            t[r0 + j] = th;
+            h_new[r0 + j] = o * th;
         }
     }
 }
 
-/* Coordinate-major, no graph: pre [N, 4H] (row n holds the i, f, o, q products of
-   coordinate n) and the bias b [4H] they still lack, c [N, H] the cell state, updated in
-   place (each element is read, then written, by the same iteration), h [N, H] out. */
+/* Without a graph: the same from pre (unchanged); c [N, H] updated in place (each element
+   read, then written, by the same iteration), h [N, H] out. */
 void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c, T *restrict h,
                       int64_t H, int64_t N) {
-    const T *restrict bi = b, *restrict bf = b + H, *restrict bo = b + 2 * H, *restrict bq = b + 3 * H;
     for (int64_t n = 0; n < N; ++n) {
-        const T *restrict pi = pre + n * 4 * H;
+        ROWS(n)
+        const T *restrict pi = pre + g0;
         const T *restrict pf = pi + H;
         const T *restrict po = pi + 2 * H;
         const T *restrict pq = pi + 3 * H;
-        T *restrict cn = c + n * H;
-        T *restrict hn = h + n * H;
         for (int64_t j = 0; j < H; ++j) {
-            T i = (T)1 / ((T)1 + EXP(-(pi[j] + bi[j])));
-            T f = (T)1 / ((T)1 + EXP(-(pf[j] + bf[j])));
-            T o = (T)1 / ((T)1 + EXP(-(po[j] + bo[j])));
-            T q = (T)1 / ((T)1 + EXP(-(pq[j] + bq[j])));
-            T cc = f * cn[j] + i * ((T)2 * q - (T)1);
-            cn[j] = cc;
-            hn[j] = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
+            T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
+            T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
+            T o = (T)1 / ((T)1 + EXP(-(po[j] + b[2 * H + j])));
+            T q = (T)1 / ((T)1 + EXP(-(pq[j] + b[3 * H + j])));
+            T cc = f * c[r0 + j] + i * ((T)2 * q - (T)1);
+            c[r0 + j] = cc;
+            h[r0 + j] = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
         }
     }
 }
 
-/* s [4H, N] sigmoids, t [H, N], c [H, N] the previous cell state, dh and dc [H, N] the incoming
-   gradients; out: dpre [4H, N] (gradient of the pre-activations), dc_prev [H, N]. */
+/* s [N, 4H] sigmoids, t [N, H], c [N, H] the previous cell state, dh and dc [N, H] the incoming
+   gradients; out: dpre [N, 4H] (gradient of the pre-activations), dc_prev [N, H]. */
 void gates_bwd_SFX(const T *restrict s, const T *restrict t, const T *restrict c, const T *restrict dh,
                    const T *restrict dc, T *restrict dpre, T *restrict dc_prev, int64_t H, int64_t N) {
-    for (int64_t j = 0; j < H; ++j) {
-        const T *restrict si = s + j * N;
-        const T *restrict sf = s + (H + j) * N;
-        const T *restrict so = s + (2 * H + j) * N;
-        const T *restrict sq = s + (3 * H + j) * N;
-        const T *restrict tj = t + j * N;
-        const T *restrict cj = c + j * N;
-        const T *restrict dhj = dh + j * N;
-        const T *restrict dcj = dc + j * N;
-        T *restrict di = dpre + j * N;
-        T *restrict df = dpre + (H + j) * N;
-        T *restrict dO = dpre + (2 * H + j) * N;
-        T *restrict dq = dpre + (3 * H + j) * N;
-        T *restrict dcp = dc_prev + j * N;
-        for (int64_t n = 0; n < N; ++n) {
-            T i = si[n], f = sf[n], o = so[n], q = sq[n], th = tj[n], g = dhj[n];
-            T dcv = dcj[n] + g * o * ((T)1 - th * th);
-            di[n] = dcv * ((T)2 * q - (T)1) * i * ((T)1 - i);
-            df[n] = dcv * cj[n] * f * ((T)1 - f);
-            dO[n] = g * th * o * ((T)1 - o);
-            dq[n] = (T)2 * dcv * i * q * ((T)1 - q);
-            dcp[n] = dcv * f;
+    for (int64_t n = 0; n < N; ++n) {
+        ROWS(n)
+        const T *restrict si = s + g0;
+        const T *restrict sf = si + H;
+        const T *restrict so = si + 2 * H;
+        const T *restrict sq = si + 3 * H;
+        T *restrict di = dpre + g0;
+        T *restrict df = di + H;
+        T *restrict dO = di + 2 * H;
+        T *restrict dq = di + 3 * H;
+        for (int64_t j = 0; j < H; ++j) {
+            T i = si[j], f = sf[j], o = so[j], q = sq[j], th = t[r0 + j], g = dh[r0 + j];
+            T dcv = dc[r0 + j] + g * o * ((T)1 - th * th);
+            di[j] = dcv * ((T)2 * q - (T)1) * i * ((T)1 - i);
+            df[j] = dcv * c[r0 + j] * f * ((T)1 - f);
+            dO[j] = g * th * o * ((T)1 - o);
+            dq[j] = (T)2 * dcv * i * q * ((T)1 - q);
+            dc_prev[r0 + j] = dcv * f;
         }
     }
 }
@@ -227,9 +221,9 @@ def _sfx(*tensors: torch.Tensor | None) -> str:
 
 def gates_forward(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, c_new: torch.Tensor, t: torch.Tensor,
                   h_new: torch.Tensor) -> None:
-    """In place: ``pre`` [4H, N] (products; bias ``b`` [4H] added here) becomes the gate sigmoids;
-    writes ``c_new``, ``t = tanh(c_new)``, ``h_new``."""
-    H, N = c.shape
+    """In place: ``pre`` [N, 4H] (products; bias ``b`` [4H] added here) becomes the gate sigmoids;
+    writes ``c_new``, ``t = tanh(c_new)``, ``h_new`` [N, H]."""
+    N, H = c.shape
     getattr(kernel(), f"gates_fwd_{_sfx(pre, b, c, c_new, t, h_new)}")(_p(pre), _p(b), _p(c), _p(c_new), _p(t),
                                                                       _p(h_new), H, N)
 
@@ -242,8 +236,8 @@ def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: tor
 
 def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
                    dc: torch.Tensor | None, dpre: torch.Tensor, dc_prev: torch.Tensor) -> None:
-    """Writes ``dpre`` [4H, N] (gradient of the gate pre-activations) and ``dc_prev`` [H, N]; None is zero."""
-    H, N = c.shape
+    """Writes ``dpre`` [N, 4H] (gradient of the gate pre-activations) and ``dc_prev`` [N, H]; None is zero."""
+    N, H = c.shape
     zero = torch.zeros_like(c) if dh is None or dc is None else None
     dh, dc = zero if dh is None else dh, zero if dc is None else dc
     getattr(kernel(), f"gates_bwd_{_sfx(s, t, c, dh, dc, dpre, dc_prev)}")(_p(s), _p(t), _p(c), _p(dh), _p(dc), _p(dpre), _p(dc_prev), H, N)
