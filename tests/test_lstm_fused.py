@@ -8,7 +8,7 @@ import torch
 
 import l2o
 from l2o.hypergrad import segments
-from l2o.optim import lstm_kernel
+from l2o.optim import lstm_kernel, preprocess
 from l2o.optim.lstm import cell_core
 from l2o.optim.lstm_fused import FusedCell
 
@@ -132,6 +132,33 @@ def test_compiled_step_equals_eager_in_float32():
         torch.testing.assert_close(fast[0][k], eager[0][k], rtol=1e-5, atol=1e-6)
     for a, b in zip(fast[1]["h"] + fast[1]["c"], eager[1]["h"] + eager[1]["c"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_compiled_rich_features_equal_eager(dtype, rtol):
+    """The one-pass features (no graph) against the eager ones over 6 steps: zeros, both signs, below e^-p."""
+    if lstm_kernel.kernel() is None:
+        pytest.skip("no C compiler: the compiled kernel is unavailable")
+    gen = torch.Generator().manual_seed(0)
+    base = torch.tensor([0.0, 1e-7, -1e-7, 4.5e-5, -4.6e-5, 1e-3, -2e-2, 3.0, -40.0], dtype=torch.float64)
+    grads = [(base * torch.exp(torch.randn(9, generator=gen))).to(dtype) for _ in range(6)]
+
+    def run():
+        state, out = preprocess.rich_init(9, grads[0]), []
+        with torch.no_grad():
+            for g in grads:
+                x, state = preprocess.rich(g, state)
+                out.append(x)
+        return out, state
+    fast, s_fast = run()
+    with lstm_kernel.disabled():
+        eager, s_eager = run()
+    for a, b in zip(fast, eager):
+        assert a.shape == b.shape == (9, preprocess.N_RICH)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=0)
+    for k in ("m", "v", "t"):
+        torch.testing.assert_close(s_fast[k], s_eager[k], rtol=rtol, atol=0)
+    assert (fast[-1][:, 0] == -1).sum() >= 2  # the small-gradient branch of log/sign was taken
 
 
 def test_kernel_propagates_nan_and_saturates():

@@ -49,6 +49,30 @@ static inline float exp_f32(float x) {  /* Cephes expf; NaN stays NaN */
     return y * scale;
 }
 static inline double exp_f64(double x) { return exp(x); }
+
+static inline float log_f32(float x) {  /* Cephes logf for x > 0; NaN and inf pass through */
+    if (!(x < INFINITY)) return x;
+    int32_t ix;
+    memcpy(&ix, &x, sizeof ix);
+    float fe = (float)(((ix >> 23) & 0xff) - 126);  /* x = m 2^e, m in [0.5, 1) */
+    ix = (ix & 0x007fffff) | 0x3f000000;
+    float m;
+    memcpy(&m, &ix, sizeof m);
+    if (m < 0.70710678118654752f) { m = m + m - 1.0f; fe -= 1.0f; } else { m = m - 1.0f; }
+    float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z - 2.12194440e-4f * fe - 0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+static inline double log_f64(double x) { return log(x); }
 """
 
 _GATES = r"""
@@ -134,9 +158,44 @@ void gates_bwd_SFX(const T *restrict s, const T *restrict t, const T *restrict c
 }
 """
 
+_RICH = r"""
+/* The "rich" input features without a graph (l2o.optim.preprocess.rich), one pass:
+   g [N]; m [3, N], v [N] the moment EMAs in, m_out, v_out out; x [7, N] the features out;
+   k = (d0, d1, d2, 1 - d0, 1 - d1, 1 - d2, 1 - d0^t, 1 - d1^t, 1 - d2^t, R, 1 - R, 1 - R^t, p,
+   e^-p, e^p, eps^2), each rounded as the eager code rounds it. */
+void rich_SFX(const T *restrict g, const T *restrict m, const T *restrict v, T *restrict m_out,
+              T *restrict v_out, T *restrict x, const T *restrict k, int64_t N) {
+    const T d0 = k[0], d1 = k[1], d2 = k[2], e0 = k[3], e1 = k[4], e2 = k[5], b0 = k[6], b1 = k[7], b2 = k[8];
+    const T R = k[9], eR = k[10], bv = k[11], p = k[12], lo = k[13], hi = k[14], eps2 = k[15];
+    for (int64_t n = 0; n < N; ++n) {
+        T gn = g[n], a = gn < 0 ? -gn : gn;
+        T big = a >= lo;
+        T lg = LOG(a > lo ? a : lo) / p;
+        T sg = (T)((gn > 0) - (gn < 0));
+        T m0 = d0 * m[n] + e0 * gn;
+        T m1 = d1 * m[N + n] + e1 * gn;
+        T m2 = d2 * m[2 * N + n] + e2 * gn;
+        T vv = R * v[n] + eR * gn * gn;
+        T rms = SQRT(vv / bv + eps2);
+        m_out[n] = m0;
+        m_out[N + n] = m1;
+        m_out[2 * N + n] = m2;
+        v_out[n] = vv;
+        x[n] = big != 0 ? lg : (T)-1;
+        x[N + n] = big != 0 ? sg : gn * hi;
+        x[2 * N + n] = (m0 / b0) / rms;
+        x[3 * N + n] = (m1 / b1) / rms;
+        x[4 * N + n] = (m2 / b2) / rms;
+        x[5 * N + n] = gn / rms;
+        x[6 * N + n] = LOG(rms) / p;
+    }
+}
+"""
+
 SOURCE = _EXP_F32 + "".join(
-    _GATES.replace("SFX", sfx).replace("EXP", f"exp_{sfx}").replace("T ", f"{ct} ").replace("(T)", f"({ct})")
-    for sfx, ct in (("f32", "float"), ("f64", "double")))
+    (_GATES + _RICH).replace("SFX", sfx).replace("EXP", f"exp_{sfx}").replace("LOG", f"log_{sfx}")
+    .replace("SQRT", sqrt).replace("T ", f"{ct} ").replace("(T)", f"({ct})")
+    for sfx, ct, sqrt in (("f32", "float", "sqrtf"), ("f64", "double", "sqrt")))
 
 _FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math"]
 _state: dict = {}
@@ -172,6 +231,7 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_fwd_cm_{sfx}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+        getattr(lib, f"rich_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64]
     return lib
 
 
@@ -241,3 +301,11 @@ def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.
     zero = torch.zeros_like(c) if dh is None or dc is None else None
     dh, dc = zero if dh is None else dh, zero if dc is None else dc
     getattr(kernel(), f"gates_bwd_{_sfx(s, t, c, dh, dc, dpre, dc_prev)}")(_p(s), _p(t), _p(c), _p(dh), _p(dc), _p(dpre), _p(dc_prev), H, N)
+
+
+def rich(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, k: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`l2o.optim.preprocess.rich` in one pass: ``([7, N] features, new m [3, N], new v [N])``."""
+    x, m_out, v_out = g.new_empty(7, g.shape[0]), torch.empty_like(m), torch.empty_like(v)
+    getattr(kernel(), f"rich_{_sfx(g, m, v, k)}")(_p(g), _p(m), _p(v), _p(m_out), _p(v_out), _p(x), _p(k), g.shape[0])
+    return x, m_out, v_out
