@@ -51,7 +51,6 @@ static inline float exp_f32(float x) {  /* Cephes expf; NaN stays NaN */
 static inline double exp_f64(double x) { return exp(x); }
 
 static inline float log_f32(float x) {  /* Cephes logf for x > 0; NaN and inf pass through */
-    if (!(x < INFINITY)) return x;
     int32_t ix;
     memcpy(&ix, &x, sizeof ix);
     float fe = (float)(((ix >> 23) & 0xff) - 126);  /* x = m 2^e, m in [0.5, 1) */
@@ -70,7 +69,8 @@ static inline float log_f32(float x) {  /* Cephes logf for x > 0; NaN and inf pa
     y = y * m - 2.4999993993e-1f;
     y = y * m + 3.3333331174e-1f;
     y = y * m * z - 2.12194440e-4f * fe - 0.5f * z;
-    return m + y + 0.693359375f * fe;
+    float r = m + y + 0.693359375f * fe;
+    return x < INFINITY ? r : x;  /* a select, not a branch: the loop stays vectorisable */
 }
 static inline double log_f64(double x) { return log(x); }
 """
@@ -167,26 +167,27 @@ void rich_SFX(const T *restrict g, const T *restrict m, const T *restrict v, T *
               T *restrict v_out, T *restrict x, const T *restrict k, int64_t N) {
     const T d0 = k[0], d1 = k[1], d2 = k[2], e0 = k[3], e1 = k[4], e2 = k[5], b0 = k[6], b1 = k[7], b2 = k[8];
     const T R = k[9], eR = k[10], bv = k[11], p = k[12], lo = k[13], hi = k[14], eps2 = k[15];
-    for (int64_t n = 0; n < N; ++n) {
+    /* three short loops: one loop with every stream was not vectorised by the compiler */
+    for (int64_t n = 0; n < N; ++n) {  /* the moments */
+        T gn = g[n];
+        m_out[n] = d0 * m[n] + e0 * gn;
+        m_out[N + n] = d1 * m[N + n] + e1 * gn;
+        m_out[2 * N + n] = d2 * m[2 * N + n] + e2 * gn;
+        v_out[n] = R * v[n] + eR * gn * gn;
+    }
+    for (int64_t n = 0; n < N; ++n) {  /* log / sign of g (the L2L paper's features) */
         T gn = g[n], a = gn < 0 ? -gn : gn;
-        T big = a >= lo;
         T lg = LOG(a > lo ? a : lo) / p;
-        T sg = (T)((gn > 0) - (gn < 0));
-        T m0 = d0 * m[n] + e0 * gn;
-        T m1 = d1 * m[N + n] + e1 * gn;
-        T m2 = d2 * m[2 * N + n] + e2 * gn;
-        T vv = R * v[n] + eR * gn * gn;
-        T rms = SQRT(vv / bv + eps2);
-        m_out[n] = m0;
-        m_out[N + n] = m1;
-        m_out[2 * N + n] = m2;
-        v_out[n] = vv;
-        x[n] = big != 0 ? lg : (T)-1;
-        x[N + n] = big != 0 ? sg : gn * hi;
-        x[2 * N + n] = (m0 / b0) / rms;
-        x[3 * N + n] = (m1 / b1) / rms;
-        x[4 * N + n] = (m2 / b2) / rms;
-        x[5 * N + n] = gn / rms;
+        T sg = (T)(gn > 0) - (T)(gn < 0);
+        x[n] = a >= lo ? lg : (T)-1;
+        x[N + n] = a >= lo ? sg : gn * hi;
+    }
+    for (int64_t n = 0; n < N; ++n) {  /* momenta and g over the RMS of g, log RMS */
+        T rms = SQRT(v_out[n] / bv + eps2);
+        x[2 * N + n] = (m_out[n] / b0) / rms;
+        x[3 * N + n] = (m_out[N + n] / b1) / rms;
+        x[4 * N + n] = (m_out[2 * N + n] / b2) / rms;
+        x[5 * N + n] = g[n] / rms;
         x[6 * N + n] = LOG(rms) / p;
     }
 }
