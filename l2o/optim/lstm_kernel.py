@@ -80,6 +80,10 @@ _GATES = r"""
    coordinate n, rows of the states [N, H] are H apart. */
 #define ROWS(n) \
     const int64_t g0 = (n) * 4 * H, r0 = (n) * H;
+/* pointers to the four gate blocks of row g0 of base: NAMEi, NAMEf, NAMEo, NAMEq */
+#define GATES(Q, NAME, base) \
+    Q T *restrict NAME##i = (base) + g0, *restrict NAME##f = NAME##i + H, \
+        *restrict NAME##o = NAME##i + 2 * H, *restrict NAME##q = NAME##i + 3 * H;
 
 /* With a graph: pre holds the gate products (the bias b [4H] still to add) and gets the
    sigmoids; c [N, H] in; c_new, t = tanh(c_new), h_new out. */
@@ -87,10 +91,7 @@ void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T 
                    T *restrict h_new, int64_t H, int64_t N) {
     for (int64_t n = 0; n < N; ++n) {
         ROWS(n)
-        T *restrict pi = pre + g0;
-        T *restrict pf = pi + H;
-        T *restrict po = pi + 2 * H;
-        T *restrict pq = pi + 3 * H;
+        GATES(, p, pre)
         for (int64_t j = 0; j < H; ++j) {
             T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
             T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
@@ -115,10 +116,7 @@ void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c,
                       int64_t H, int64_t N) {
     for (int64_t n = 0; n < N; ++n) {
         ROWS(n)
-        const T *restrict pi = pre + g0;
-        const T *restrict pf = pi + H;
-        const T *restrict po = pi + 2 * H;
-        const T *restrict pq = pi + 3 * H;
+        GATES(const, p, pre)
         for (int64_t j = 0; j < H; ++j) {
             T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
             T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
@@ -137,25 +135,21 @@ void gates_bwd_SFX(const T *restrict s, const T *restrict t, const T *restrict c
                    const T *restrict dc, T *restrict dpre, T *restrict dc_prev, int64_t H, int64_t N) {
     for (int64_t n = 0; n < N; ++n) {
         ROWS(n)
-        const T *restrict si = s + g0;
-        const T *restrict sf = si + H;
-        const T *restrict so = si + 2 * H;
-        const T *restrict sq = si + 3 * H;
-        T *restrict di = dpre + g0;
-        T *restrict df = di + H;
-        T *restrict dO = di + 2 * H;
-        T *restrict dq = di + 3 * H;
+        GATES(const, s, s)
+        GATES(, d_, dpre)
         for (int64_t j = 0; j < H; ++j) {
             T i = si[j], f = sf[j], o = so[j], q = sq[j], th = t[r0 + j], g = dh[r0 + j];
             T dcv = dc[r0 + j] + g * o * ((T)1 - th * th);
-            di[j] = dcv * ((T)2 * q - (T)1) * i * ((T)1 - i);
-            df[j] = dcv * c[r0 + j] * f * ((T)1 - f);
-            dO[j] = g * th * o * ((T)1 - o);
-            dq[j] = (T)2 * dcv * i * q * ((T)1 - q);
+            d_i[j] = dcv * ((T)2 * q - (T)1) * i * ((T)1 - i);
+            d_f[j] = dcv * c[r0 + j] * f * ((T)1 - f);
+            d_o[j] = g * th * o * ((T)1 - o);
+            d_q[j] = (T)2 * dcv * i * q * ((T)1 - q);
             dc_prev[r0 + j] = dcv * f;
         }
     }
 }
+#undef GATES
+#undef ROWS
 """
 
 _RICH = r"""
