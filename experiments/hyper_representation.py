@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate", type=common.positive_int, default=1,
                    help="steps K the truncated run differentiates through (default: 1)")
     p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="representation (default: mlp)")
+    p.add_argument("--norm", action="store_true",
+                   help="unit-length features for every method (the supervised classifier and every head see them)")
     p.add_argument("--hidden", type=common.int_list, help="layer widths of the representation (default 512)")
     p.add_argument("--split", choices=sorted(SPLITS), default="mixed",
                    help="digits: MNIST 0-4 / 5-9; mixed: MNIST and Fashion-MNIST, 0-4 of both / 5-9 of both "
@@ -189,9 +191,16 @@ class Episodes:
             yield self.sample_index(min(chunk, n - at), ways, shots, queries, gen)
 
 
-def representation(arch: str, hidden: list[int]) -> nn.Sequential:
+class UnitNorm(nn.Module):
+    """Scales each feature vector to unit length (the head's logits become cosine-like similarities)."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def representation(arch: str, hidden: list[int], norm: bool = False) -> nn.Sequential:
     """``mlp``: Linear+ReLU layers of widths ``hidden``; ``conv``: stride-2 3x3 convolutions + ReLU of
-    ``hidden`` channels, then a global mean over positions."""
+    ``hidden`` channels, then a global mean over positions; ``norm``: then unit length."""
     layers: list[nn.Module] = [nn.Flatten()] if arch == "mlp" else []
     d = 28 * 28 if arch == "mlp" else 1
     for h in hidden:
@@ -199,6 +208,8 @@ def representation(arch: str, hidden: list[int]) -> nn.Sequential:
         d = h
     if arch == "conv":
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if norm:
+        layers.append(UnitNorm())
     return nn.Sequential(*layers)
 
 
@@ -242,7 +253,7 @@ class HyperRepresentation:
         self.cls_x = self.train.images
         self.cls_y = torch.cat([torch.full((len(p),), i) for i, p in enumerate(self.train.pools)])
         torch.manual_seed(args.seed)
-        self.net = representation(args.arch, args.hidden)
+        self.net = representation(args.arch, args.hidden, args.norm)
         self.init = {k: v.detach().clone() for k, v in self.net.named_parameters()}
         # baseline (a)'s classifier, drawn here so that every pretrain call starts from the same one
         classifier = nn.Linear(args.hidden[-1], len(self.train.pools))

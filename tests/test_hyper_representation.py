@@ -65,7 +65,14 @@ def test_episodes_disjoint_classes_labels_and_determinism(hr):
 @pytest.mark.parametrize("arch, hidden, dim", [("mlp", [7, 3], 3), ("conv", [4, 6], 6)])
 def test_representation_maps_images_to_features(hr, arch, hidden, dim):
     net = hr.representation(arch, hidden)
-    assert net(torch.randn(2, 1, 28, 28)).shape == (2, dim)
+    x = torch.randn(2, 1, 28, 28)
+    assert net(x).shape == (2, dim)
+    unit = hr.representation(arch, hidden, norm=True)
+    unit.load_state_dict(net.state_dict())  # the same weights; only the unit length differs
+    f, u = net(x), unit(x)
+    nz = f.norm(dim=-1) > 1e-3  # a ReLU output can be all zero: it stays zero
+    assert torch.allclose(u[nz], (f / f.norm(dim=-1, keepdim=True))[nz], atol=1e-6)
+    assert torch.allclose(u[nz].norm(dim=-1), torch.ones(int(nz.sum()))) and torch.equal(u[~nz], f[~nz])
 
 
 def test_head_problem_gives_each_episode_its_own_head(hr):
@@ -245,6 +252,15 @@ def test_mixed_meta_batch_averages_the_shots_hypergradients(hr, episode_data):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12), k
     one, _ = prob.hypergradient(rep, opt, hparams, (5,), 2, args.steps, torch.Generator().manual_seed(7))
     assert not torch.allclose(one["log_lr"], grads["log_lr"])  # the 1-shot half counts
+
+
+def test_quick_run_mixed_meta_trains_one_representation_for_both_shots(hr, episode_data, tmp_path):
+    result = hr.main(["--quick", "--data-dir", episode_data, "--out", str(tmp_path), "--train-shots", "mixed"])
+    one, five = (result["by_shot"][k] for k in ("1", "5"))
+    assert result["train_shots"] == "mixed"
+    assert one["methods"]["hyper_reverse"]["meta_trained_shots"] == [1, 5]
+    assert five["methods"]["hyper_reverse"]["meta_trained_shots"] == [1, 5]
+    assert [p[0] for p in one["val_curves"]["hyper_reverse"]] == [0, 2, 4]
 
 
 def test_meta_training_from_supervised_starts_at_its_representation(hr, episode_data):
