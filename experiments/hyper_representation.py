@@ -347,8 +347,8 @@ class HyperRepresentation:
             loss += seg.meta_loss / len(groups)
         return grads, loss
 
-    def meta_train(self, shots: int | tuple[int, ...], truncate: int, meta_lr: float, tag: str, writer, start: dict | None = None,
-                   lr: float | None = None) -> dict:
+    def meta_train(self, shots: int | tuple[int, ...], truncate: int, meta_lr: float, tag: str, writer,
+                   start: dict | None = None, lr: float | None = None) -> dict:
         """Hypergradient descent (Adam) on the representation and log lr over ``shots``-shot episodes (a tuple:
         the meta-batch split evenly among those shot counts, the outer loss their mean), from
         ``start`` (default: the random initialisation) and inner lr ``lr`` (default ``--lr``). Every
@@ -455,7 +455,8 @@ def run(args: argparse.Namespace) -> dict:
                      f"training images ({len(prob.train.pools)} classes)",
                      "validation": "the same classes, test images", "test": f"{sets} classes 5-9, upright, "
                      f"training and test images ({len(prob.test.pools)} classes)"},
-           "arch": args.arch, "ways": args.ways, "shots": args.shots, "train_shots": args.train_shots,
+           "arch": args.arch, "norm": args.norm, "ways": args.ways, "shots": args.shots,
+           "train_shots": args.train_shots,
            "queries": args.queries, "steps": args.steps, "truncate": args.truncate, "hidden": args.hidden,
            "init": args.init, "meta_steps": args.meta_steps, "meta_batch": args.meta_batch, "meta_lr": args.meta_lr,
            "pretrain_steps": args.pretrain_steps,

@@ -171,6 +171,7 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
         saved = json.load(fh)
     assert saved == json.loads(json.dumps(result)) and "--quick" in saved["command"]
     assert saved["shots"] == [1, 5] and set(saved["by_shot"]) == {"1", "5"} and saved["train_shots"] == 5
+    assert saved["norm"] is False
     methods = {"hyper_reverse", "hyper_truncated", "supervised", "random", "pixels"}
     for shot in ("1", "5"):
         r = saved["by_shot"][shot]
