@@ -67,14 +67,14 @@ TRAIN_CLASSES, TEST_CLASSES = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 SPLITS = {"digits": ["mnist"], "mixed": ["mnist", "fashion_mnist"]}  # classes 0-4 of each set train, 5-9 test
 LR_GRID = [10.0 ** (e / 2) for e in range(-6, 5)]  # 1e-3 .. 1e2, half decades
 DEFAULTS = dict(meta_steps=300, meta_batch=16, queries=15, hidden=[512], pretrain_steps=[300, 600, 1200, 2400],
-                meta_lr=[1e-4, 3e-4, 1e-3], test_episodes=3000, val_episodes=200, monitor_episodes=150, eval_every=30)
+                meta_lr=[1e-4, 3e-4, 1e-3], test_episodes=20000, val_episodes=200, monitor_episodes=150, eval_every=30)
 QUICK = dict(meta_steps=4, meta_batch=2, queries=2, hidden=[16, 8], pretrain_steps=[2, 4], meta_lr=[1e-3, 1e-2],
              test_episodes=12, val_episodes=6, monitor_episodes=6, eval_every=2)
 
 
 def train_shots(text: str) -> int | str:
-    """``same`` or a positive integer."""
-    return text if text == "same" else common.positive_int(text)
+    """``same``, ``mixed`` or a positive integer."""
+    return text if text in ("same", "mixed") else common.positive_int(text)
 
 
 def positive_floats(text: str) -> list[float]:
@@ -92,11 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=common.positive_int, help="query examples per class (default 15)")
     p.add_argument("--train-shots", type=train_shots, default=5,
                    help="K of the meta-training episodes: one representation, meta-trained on K-shot episodes, "
-                        "is tested at every --shots; 'same' meta-trains one per test shot on its own K (default: 5)")
+                        "is tested at every --shots; 'same' meta-trains one per test shot on its own K; 'mixed' "
+                        "meta-trains one on meta-batches split evenly among the test shots (default: 5)")
     p.add_argument("--steps", type=common.positive_int, default=5, help="inner head steps T (default: 5)")
     p.add_argument("--truncate", type=common.positive_int, default=1,
                    help="steps K the truncated run differentiates through (default: 1)")
     p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="representation (default: mlp)")
+    p.add_argument("--norm", action="store_true",
+                   help="unit-length features for every method (the supervised classifier and every head see them)")
     p.add_argument("--hidden", type=common.int_list, help="layer widths of the representation (default 512)")
     p.add_argument("--split", choices=sorted(SPLITS), default="mixed",
                    help="digits: MNIST 0-4 / 5-9; mixed: MNIST and Fashion-MNIST, 0-4 of both / 5-9 of both "
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=common.int_list,
                    help="comma-separated candidate steps (batch 128) of baseline (a)'s classification training; "
                         "one run to the largest, the validation episodes pick (default 300,600,1200,2400)")
-    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 3000)")
+    p.add_argument("--test-episodes", type=common.positive_int, help="test episodes per shot (default 20000)")
     p.add_argument("--val-episodes", type=common.positive_int, help="validation episodes per lr (default 200)")
     p.add_argument("--monitor-episodes", type=common.positive_int,
                    help="test-class episodes of the accuracy-vs-meta-step curve (default 150)")
@@ -147,10 +150,13 @@ def class_pools(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...], rota
 
 
 class Episodes:
-    """N-way K-shot episodes from a list of classes (``pools`` of images); labels are a fresh random order."""
+    """N-way K-shot episodes from a list of classes (``pools`` of images); labels are a fresh random order.
+    The pools are kept as views of one tensor ``images`` so that an episode can also be a set of indices."""
 
     def __init__(self, pools: list[torch.Tensor], name: str) -> None:
-        self.pools, self.name = pools, name
+        self.images = torch.cat(pools)
+        self.pools, self.name = list(self.images.split([len(p) for p in pools])), name
+        self.offsets = [0] + torch.tensor([len(p) for p in pools]).cumsum(0).tolist()[:-1]
 
     def check(self, per_class: int) -> None:
         have = min(len(p) for p in self.pools)
@@ -158,28 +164,43 @@ class Episodes:
             raise common.UsageError(f"{self.name} episodes need {per_class} images per class (shots + queries) "
                                     f"but a class has only {have}; lower --shots or --queries")
 
-    def sample(self, n: int, ways: int, shots: int, queries: int, gen: torch.Generator):
-        """``n`` stacked episodes: support x [n, ways*shots, 1, 28, 28], y [n, ways*shots]; query likewise."""
-        xs, xq = [], []
+    def sample_index(self, n: int, ways: int, shots: int, queries: int, gen: torch.Generator):
+        """``n`` stacked episodes as rows of ``images``: support [n, ways*shots], query [n, ways*queries]."""
+        picks = []
         for _ in range(n):
             classes = torch.randperm(len(self.pools), generator=gen)[:ways]
-            picks = [self.pools[c][torch.randperm(len(self.pools[c]), generator=gen)[:shots + queries]]
-                     for c in classes.tolist()]
-            xs.append(torch.cat([p[:shots] for p in picks]))
-            xq.append(torch.cat([p[shots:] for p in picks]))
-        label = lambda k: torch.arange(ways).repeat_interleave(k).expand(n, -1)  # noqa: E731
-        return torch.stack(xs), label(shots), torch.stack(xq), label(queries)
+            picks.append(torch.stack([self.offsets[c] + torch.randperm(len(self.pools[c]), generator=gen)[
+                :shots + queries] for c in classes.tolist()]))
+        idx = torch.stack(picks)  # [n, ways, shots + queries]
+        return idx[:, :, :shots].reshape(n, -1), idx[:, :, shots:].reshape(n, -1)
 
-    def chunks(self, n: int, ways: int, shots: int, queries: int, seed: int, chunk: int = 100):
-        """The same ``n`` episodes for every caller with the same ``seed``, ``chunk`` at a time (bounded memory)."""
+    @staticmethod
+    def labels(n: int, ways: int, k: int) -> torch.Tensor:
+        """Class-major labels of ``k`` examples per class, [n, ways*k]."""
+        return torch.arange(ways).repeat_interleave(k).expand(n, -1)
+
+    def sample(self, n: int, ways: int, shots: int, queries: int, gen: torch.Generator):
+        """``n`` stacked episodes: support x [n, ways*shots, 1, 28, 28], y [n, ways*shots]; query likewise."""
+        si, qi = self.sample_index(n, ways, shots, queries, gen)
+        return self.images[si], self.labels(n, ways, shots), self.images[qi], self.labels(n, ways, queries)
+
+    def chunks(self, n: int, ways: int, shots: int, queries: int, seed: int, chunk: int = 1000):
+        """The same ``n`` episodes (as indices) for every caller with the same ``seed``, ``chunk`` at a time."""
         gen = torch.Generator().manual_seed(seed)
         for at in range(0, n, chunk):
-            yield self.sample(min(chunk, n - at), ways, shots, queries, gen)
+            yield self.sample_index(min(chunk, n - at), ways, shots, queries, gen)
 
 
-def representation(arch: str, hidden: list[int]) -> nn.Sequential:
+class UnitNorm(nn.Module):
+    """Scales each feature vector to unit length (the head's logits become cosine-like similarities)."""
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def representation(arch: str, hidden: list[int], norm: bool = False) -> nn.Sequential:
     """``mlp``: Linear+ReLU layers of widths ``hidden``; ``conv``: stride-2 3x3 convolutions + ReLU of
-    ``hidden`` channels, then a global mean over positions."""
+    ``hidden`` channels, then a global mean over positions; ``norm``: then unit length."""
     layers: list[nn.Module] = [nn.Flatten()] if arch == "mlp" else []
     d = 28 * 28 if arch == "mlp" else 1
     for h in hidden:
@@ -187,6 +208,8 @@ def representation(arch: str, hidden: list[int]) -> nn.Sequential:
         d = h
     if arch == "conv":
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if norm:
+        layers.append(UnitNorm())
     return nn.Sequential(*layers)
 
 
@@ -213,7 +236,7 @@ class HyperRepresentation:
     """The data, the representations and the head fit shared by every method."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+        self.args, self.drawn = args, {}
         train, val, test = [], [], []
         for name in SPLITS[args.split]:
             tr, te = load(name, "train", args.data_dir), load(name, "test", args.data_dir)
@@ -224,13 +247,13 @@ class HyperRepresentation:
             Episodes(test, "test")
         for eps in (self.train, self.val, self.test):
             eps.check(max(args.shots) + args.queries)
-        if args.train_shots != "same":
+        if isinstance(args.train_shots, int):
             self.train.check(args.train_shots + args.queries)
         # baseline (a)'s classification data: the meta-training classes, labelled 0 .. classes-1
-        self.cls_x = torch.cat(self.train.pools)
+        self.cls_x = self.train.images
         self.cls_y = torch.cat([torch.full((len(p),), i) for i, p in enumerate(self.train.pools)])
         torch.manual_seed(args.seed)
-        self.net = representation(args.arch, args.hidden)
+        self.net = representation(args.arch, args.hidden, args.norm)
         self.init = {k: v.detach().clone() for k, v in self.net.named_parameters()}
         # baseline (a)'s classifier, drawn here so that every pretrain call starts from the same one
         classifier = nn.Linear(args.hidden[-1], len(self.train.pools))
@@ -247,11 +270,21 @@ class HyperRepresentation:
 
     def accuracies(self, rep: dict | None, lrs: list[float], eps: Episodes, shots: int, n: int,
                    seed: int) -> list[torch.Tensor]:
-        """:meth:`accuracy` at each inner lr of ``lrs``, on the same episodes (features computed once)."""
+        """:meth:`accuracy` at each inner lr of ``lrs``, on the same episodes. When the episodes hold more
+        images than half the pools, the features of every pool image are computed once and the episodes
+        index them (many episodes cost little more than the head fits); else only the drawn images'."""
         a, out = self.args, [[] for _ in lrs]
-        for xs, ys, xq, yq in eps.chunks(n, a.ways, shots, a.queries, seed):
+        every = n * a.ways * (shots + a.queries) > len(eps.images) // 2
+        with torch.no_grad():
+            feats = torch.cat([self.features(rep, x) for x in eps.images.split(8192)]) if every else None
+        key = (eps.name, n, shots, seed)  # many episodes: drawn once, shared by every representation
+        if every and key not in self.drawn:
+            self.drawn[key] = list(eps.chunks(n, a.ways, shots, a.queries, seed))
+        for si, qi in self.drawn[key] if every else eps.chunks(n, a.ways, shots, a.queries, seed):
             with torch.no_grad():
-                fs, fq = self.features(rep, xs), self.features(rep, xq)
+                fs, fq = (feats[si], feats[qi]) if every else (self.features(rep, eps.images[si]),
+                                                               self.features(rep, eps.images[qi]))
+            ys, yq = eps.labels(len(si), a.ways, shots), eps.labels(len(si), a.ways, a.queries)
             inner, _, p0, logits = head_problem(fs, ys, fq, yq, a.ways)
             for acc, lr in zip(out, lrs):
                 head = unroll(inner, p0, {}, SGD(lr=lr), a.steps, graph=False).params
@@ -295,9 +328,29 @@ class HyperRepresentation:
         return snaps[best], scores[best][0], {"pretrain_steps": best, "val_accuracy": {str(t): v for t, (_, v) in
                                                                                        scores.items()}}
 
-    def meta_train(self, shots: int, truncate: int, meta_lr: float, tag: str, writer, start: dict | None = None,
-                   lr: float | None = None) -> dict:
-        """Hypergradient descent (Adam) on the representation and log lr over ``shots``-shot episodes, from
+    def hypergradient(self, rep: dict, opt, hparams: dict, groups: tuple[int, ...], per_group: int, truncate: int,
+                      gen: torch.Generator) -> tuple[dict | None, float]:
+        """The query loss's gradient with respect to ``hparams`` (reverse through the last ``truncate`` head
+        steps) on ``per_group`` fresh episodes of each shot count of ``groups``, averaged over the groups, and
+        that mean loss; ``(None, nan)`` when a head step was not finite."""
+        a = self.args
+        grads, loss = {k: torch.zeros_like(v) for k, v in hparams.items()}, 0.0
+        for group in groups:  # one head problem per shot count; the outer loss is their mean
+            xs, ys, xq, yq = self.train.sample(per_group, a.ways, group, a.queries, gen)
+            inner, outer, p0, _ = head_problem(self.features(rep, xs), ys, self.features(rep, xq), yq, a.ways)
+            # K = T: one segment, full reverse; K < T: only the last segment reaches the outer loss
+            for seg in segments(inner, outer, p0, hparams, opt, a.steps, truncate):
+                if not seg.finite:
+                    return None, math.nan
+                for k, g in seg.grads.items():
+                    grads[k] += g / len(groups)
+            loss += seg.meta_loss / len(groups)
+        return grads, loss
+
+    def meta_train(self, shots: int | tuple[int, ...], truncate: int, meta_lr: float, tag: str, writer,
+                   start: dict | None = None, lr: float | None = None) -> dict:
+        """Hypergradient descent (Adam) on the representation and log lr over ``shots``-shot episodes (a tuple:
+        the meta-batch split evenly among those shot counts, the outer loss their mean), from
         ``start`` (default: the random initialisation) and inner lr ``lr`` (default ``--lr``). Every
         ``--eval-every`` meta-steps (step 0 included) it scores the validation episodes at each test shot and
         keeps, per test shot, the representation and lr with the best score (the meta-training length is
@@ -309,7 +362,9 @@ class HyperRepresentation:
         hparams = {**{f"rep.{k}": v for k, v in rep.items()}, "log_lr": opt.log_lr}
         meta = torch.optim.Adam([{"params": list(rep.values()), "lr": meta_lr},
                                  {"params": [opt.log_lr], "lr": 10 * meta_lr}])
-        gen, curve, val = seeded(a.seed, 20 + shots), {k: [] for k in a.shots}, {k: [] for k in a.shots}
+        groups = (shots,) if isinstance(shots, int) else tuple(shots)
+        per_group = max(1, a.meta_batch // len(groups))
+        gen, curve, val = seeded(a.seed, 20 + sum(groups)), {k: [] for k in a.shots}, {k: [] for k in a.shots}
         best: dict[int, dict] = {}
         for i in tqdm(range(a.meta_steps + 1), desc=f"{tag} meta-steps", leave=False):
             if i % a.eval_every == 0 or i == a.meta_steps:
@@ -323,23 +378,15 @@ class HyperRepresentation:
                         best[k] = {"rep": frozen, "lr": lr_i, "meta_steps": i, "val_accuracy": val[k][-1][1]}
             if i == a.meta_steps:
                 break
-            xs, ys, xq, yq = self.train.sample(a.meta_batch, a.ways, shots, a.queries, gen)
-            inner, outer, p0, _ = head_problem(self.features(rep, xs), ys, self.features(rep, xq), yq, a.ways)
-            grads = {k: torch.zeros_like(v) for k, v in hparams.items()}
-            # K = T: one segment, full reverse; K < T: only the last segment reaches the outer loss
-            for seg in segments(inner, outer, p0, hparams, opt, a.steps, truncate):
-                if not seg.finite:
-                    break
-                for k, g in seg.grads.items():
-                    grads[k] += g
-            if not seg.finite:  # the learned lr overshot: halve it and draw new episodes
+            grads, loss = self.hypergradient(rep, opt, hparams, groups, per_group, truncate, gen)
+            if grads is None:  # the learned lr overshot: halve it and draw new episodes
                 with torch.no_grad():
                     opt.log_lr.sub_(math.log(2.0))
                 continue
             for k, v in hparams.items():
                 v.grad = grads[k]
             meta.step()
-            writer.add_scalar(f"{tag}/query_loss", seg.meta_loss, i)
+            writer.add_scalar(f"{tag}/query_loss", loss, i)
             writer.add_scalar(f"{tag}/inner_lr", float(opt.hparam("lr").detach()), i)
             writer.add_scalar(f"{tag}/hypergrad_norm", math.sqrt(sum(float(g.norm()) ** 2 for g in grads.values())), i)
         return {"best": best, "curve": curve, "val_curve": val, "meta_lr": meta_lr}
@@ -358,16 +405,18 @@ def run(args: argparse.Namespace) -> dict:
             supervised[k] = prob.pick_supervised(snaps, k)
         return supervised[k]
 
-    def hyper(train_k: int, truncate: int, name: str) -> list[dict]:
-        if (train_k, truncate) not in trained:
-            start, lr = sup(train_k)[:2] if args.init == "supervised" else (None, None)
-            trained[train_k, truncate] = [prob.meta_train(train_k, truncate, m, f"{train_k}shot_{name}_mlr{m:g}",
+    def hyper(train_k: int | tuple, truncate: int, name: str) -> list[dict]:
+        if (train_k, truncate) not in trained:  # mixed shots start from the pick at the largest
+            start, lr = sup(max(train_k) if isinstance(train_k, tuple) else train_k)[:2] \
+                if args.init == "supervised" else (None, None)
+            label = "mixed" if isinstance(train_k, tuple) else train_k
+            trained[train_k, truncate] = [prob.meta_train(train_k, truncate, m, f"{label}shot_{name}_mlr{m:g}",
                                                           writer, start, lr) for m in args.meta_lr]
         return trained[train_k, truncate]
 
     results = {}
     for k in args.shots:
-        train_k = k if args.train_shots == "same" else args.train_shots
+        train_k = {"same": k, "mixed": tuple(args.shots)}.get(args.train_shots, args.train_shots)
         # each estimator's (meta lr, meta-steps) snapshot with the best validation accuracy at this test shot
         picked = {m: max(rs, key=lambda r: r["best"][k]["val_accuracy"]) for m, rs in
                   (("hyper_reverse", hyper(train_k, args.steps, "reverse")),
@@ -406,7 +455,8 @@ def run(args: argparse.Namespace) -> dict:
                      f"training images ({len(prob.train.pools)} classes)",
                      "validation": "the same classes, test images", "test": f"{sets} classes 5-9, upright, "
                      f"training and test images ({len(prob.test.pools)} classes)"},
-           "arch": args.arch, "ways": args.ways, "shots": args.shots, "train_shots": args.train_shots,
+           "arch": args.arch, "norm": args.norm, "ways": args.ways, "shots": args.shots,
+           "train_shots": args.train_shots,
            "queries": args.queries, "steps": args.steps, "truncate": args.truncate, "hidden": args.hidden,
            "init": args.init, "meta_steps": args.meta_steps, "meta_batch": args.meta_batch, "meta_lr": args.meta_lr,
            "pretrain_steps": args.pretrain_steps,

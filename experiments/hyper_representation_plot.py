@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def shots_text(k: int | list[int]) -> str:
+    """``5`` or, for mixed meta-training, ``1+5``."""
+    return "+".join(map(str, k)) if isinstance(k, (list, tuple)) else str(k)
+
+
 def plot(results: dict, shots: list[int]):
     """Per test shot: the picked meta-training runs' test-class and validation curves (the picked point
     marked) against the baselines' final accuracy; last panel: final accuracy with 95% intervals."""
@@ -12,8 +17,9 @@ def plot(results: dict, shots: list[int]):
         r = results[str(k)]
         for key, color in (("hyper_reverse", "C0"), ("hyper_truncated", "C1")):
             c, v, m = r["curves"][key], r["val_curves"][key], r["methods"][key]
+            trained = shots_text(m["meta_trained_shots"])
             ax.plot([p[0] for p in c], [p[1] for p in c], "-", color=color,
-                    label=f"{key.replace('_', ' ')}, test classes (meta-trained {m['meta_trained_shots']}-shot, "
+                    label=f"{key.replace('_', ' ')}, test classes (meta-trained {trained}-shot, "
                           f"meta lr {m['meta_lr']:g})")
             ax.plot([p[0] for p in v], [p[1] for p in v], ":", color=color, label="  validation (selects)")
             ax.plot([m["meta_steps_picked"]], [m["val_accuracy"]], "o", color=color)

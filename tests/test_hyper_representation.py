@@ -53,6 +53,9 @@ def test_episodes_disjoint_classes_labels_and_determinism(hr):
         assert all((xs[b, i] != xq[b, j]).any() for i in range(2) for j in range(4))  # disjoint images
     a, b = (list(eps.chunks(5, 2, 1, 1, seed=4, chunk=2)) for _ in range(2))
     assert len(a) == 3 and all(torch.equal(u[0], v[0]) for u, v in zip(a, b))
+    si, qi = next(eps.chunks(3, 2, 1, 2, seed=4))  # indices into eps.images: the episodes sample() draws
+    xs, _, xq, _ = eps.sample(3, 2, 1, 2, torch.Generator().manual_seed(4))
+    assert torch.equal(eps.images[si], xs) and torch.equal(eps.images[qi], xq) and si.shape == (3, 2)
     rot = hr.class_pools(x, y, (0,), rotations=4)
     assert len(rot) == 4 and torch.equal(rot[1][0, 0], torch.rot90(x[0, 0], 1))
     with pytest.raises(hr.common.UsageError, match="need 4 images per class"):
@@ -62,7 +65,14 @@ def test_episodes_disjoint_classes_labels_and_determinism(hr):
 @pytest.mark.parametrize("arch, hidden, dim", [("mlp", [7, 3], 3), ("conv", [4, 6], 6)])
 def test_representation_maps_images_to_features(hr, arch, hidden, dim):
     net = hr.representation(arch, hidden)
-    assert net(torch.randn(2, 1, 28, 28)).shape == (2, dim)
+    x = torch.randn(2, 1, 28, 28)
+    assert net(x).shape == (2, dim)
+    unit = hr.representation(arch, hidden, norm=True)
+    unit.load_state_dict(net.state_dict())  # the same weights; only the unit length differs
+    f, u = net(x), unit(x)
+    nz = f.norm(dim=-1) > 1e-3  # a ReLU output can be all zero: it stays zero
+    assert torch.allclose(u[nz], (f / f.norm(dim=-1, keepdim=True))[nz], atol=1e-6)
+    assert torch.allclose(u[nz].norm(dim=-1), torch.ones(int(nz.sum()))) and torch.equal(u[~nz], f[~nz])
 
 
 def test_head_problem_gives_each_episode_its_own_head(hr):
@@ -161,6 +171,7 @@ def test_quick_run_writes_outputs(hr, episode_data, tmp_path):
         saved = json.load(fh)
     assert saved == json.loads(json.dumps(result)) and "--quick" in saved["command"]
     assert saved["shots"] == [1, 5] and set(saved["by_shot"]) == {"1", "5"} and saved["train_shots"] == 5
+    assert saved["norm"] is False
     methods = {"hyper_reverse", "hyper_truncated", "supervised", "random", "pixels"}
     for shot in ("1", "5"):
         r = saved["by_shot"][shot]
@@ -201,6 +212,56 @@ def test_quick_run_meta_trains_one_representation_per_shot(hr, episode_data, tmp
     assert c1[-1] != c5[-1]  # two meta-trainings, each on its own shot count, from the same random start
     assert result["by_shot"]["1"]["curves"]["hyper_reverse"][0] == result["by_shot"]["1"]["curves"][
         "hyper_truncated"][0]
+
+
+def test_many_episodes_index_features_computed_once(hr, episode_data):
+    """Enough episodes switch to features of every pool image, indexed by the episodes: the same accuracies
+    as computing each drawn image's features (the first episodes of a longer draw are the shorter draw)."""
+    args = hr.build_parser().parse_args(["--quick", "--data-dir", episode_data])
+    hr.resolve(args)
+    prob = hr.HyperRepresentation(args)
+    per_episode = args.ways * (1 + args.queries)
+    few = len(prob.test.images) // 2 // per_episode  # at most half the images: each drawn image's features
+    many = 3 * few  # more than half: every image's features once
+    for rep in (prob.init, None):
+        short, = prob.accuracies(rep, [0.3], prob.test, 1, few, 5)
+        long, = prob.accuracies(rep, [0.3], prob.test, 1, many, 5)
+        assert len(long) == many and torch.allclose(long[:few], short)
+    assert (prob.test.name, many, 1, 5) in prob.drawn and (prob.test.name, few, 1, 5) not in prob.drawn
+
+
+def test_mixed_meta_batch_averages_the_shots_hypergradients(hr, episode_data):
+    """--train-shots mixed: the hypergradient is that of the mean of each shot's query loss, each on its own
+    share of the meta-batch, float64 against autograd through the unrolled head steps."""
+    args = hr.build_parser().parse_args(["--quick", "--data-dir", episode_data])
+    hr.resolve(args)
+    prob = hr.HyperRepresentation(args)
+    prob.net.double()
+    prob.train = hr.Episodes([p.double() for p in prob.train.pools], "meta-training")
+    rep = {k: v.double().requires_grad_() for k, v in prob.init.items()}
+    opt = SGD(lr=0.3).learn(["lr"])
+    hparams = {**rep, "log_lr": opt.log_lr}
+    grads, loss = prob.hypergradient(rep, opt, hparams, (1, 5), 2, args.steps, torch.Generator().manual_seed(7))
+    gen, total = torch.Generator().manual_seed(7), 0.0  # by hand: the same draws, one shot after the other
+    for k in (1, 5):
+        xs, ys, xq, yq = prob.train.sample(2, args.ways, k, args.queries, gen)
+        inner, outer, p0, _ = hr.head_problem(prob.features(rep, xs), ys, prob.features(rep, xq), yq, args.ways)
+        total = total + outer(unroll(inner, p0, {}, opt, args.steps, graph=True).params, {}) / 2
+    expect = torch.autograd.grad(total, list(hparams.values()))
+    assert loss == pytest.approx(float(total.detach()), rel=1e-12)
+    for (k, g), e in zip(grads.items(), expect):
+        assert torch.allclose(g, e, rtol=1e-9, atol=1e-12), k
+    one, _ = prob.hypergradient(rep, opt, hparams, (5,), 2, args.steps, torch.Generator().manual_seed(7))
+    assert not torch.allclose(one["log_lr"], grads["log_lr"])  # the 1-shot half counts
+
+
+def test_quick_run_mixed_meta_trains_one_representation_for_both_shots(hr, episode_data, tmp_path):
+    result = hr.main(["--quick", "--data-dir", episode_data, "--out", str(tmp_path), "--train-shots", "mixed"])
+    one, five = (result["by_shot"][k] for k in ("1", "5"))
+    assert result["train_shots"] == "mixed"
+    assert one["methods"]["hyper_reverse"]["meta_trained_shots"] == [1, 5]
+    assert five["methods"]["hyper_reverse"]["meta_trained_shots"] == [1, 5]
+    assert [p[0] for p in one["val_curves"]["hyper_reverse"]] == [0, 2, 4]
 
 
 def test_meta_training_from_supervised_starts_at_its_representation(hr, episode_data):
