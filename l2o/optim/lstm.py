@@ -214,7 +214,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
 
     @staticmethod
     def _updated(params: Params, update: torch.Tensor, state: State, hs: list, cs: list, feat_state: dict | None,
-               inplace: bool) -> tuple[Params, State]:
+                 inplace: bool) -> tuple[Params, State]:
         """``params + update`` (into ``params`` when ``inplace``) and the new state."""
         new_params, offset = {}, 0
         for k, p in params.items():
