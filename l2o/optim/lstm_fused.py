@@ -56,16 +56,14 @@ def forward_cm(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], 
         torch.mm(inp, w[:, :k].t(), out=pre)
         pre.addmm_(h, w[:, k:].t())  # the last read of h: h' may go into its storage
         c = c if c.is_contiguous() or into else c.contiguous()
-        if save:
-            c_new, t, h_new = torch.empty_like(c), torch.empty_like(c), torch.empty_like(c)
-        else:
-            c_new = c if into else torch.empty_like(c).copy_(c)
-            h_new = h if into else torch.empty_like(c_new)
-        if lstm_kernel.usable(pre, b, c, c_new, h_new):
-            if save:  # sigmoids into pre, c', tanh(c'), h'
-                lstm_kernel.gates_forward(pre, b, c, c_new, t, h_new)
-            else:  # c' over c
-                lstm_kernel.gates_forward_cm(pre, b, c_new, h_new)
+        fast = lstm_kernel.usable(pre, b, c)
+        c_new = c if into else torch.empty_like(c)
+        h_new = h if into else torch.empty_like(c)
+        if fast and save:  # sigmoids into pre, c', tanh(c'), h'
+            t = torch.empty_like(c)
+            lstm_kernel.gates_forward(pre, b, c, c_new, t, h_new)
+        elif fast:  # c' written over (a copy of) c
+            lstm_kernel.gates_forward_cm(pre, b, c_new if into else c_new.copy_(c), h_new)
         else:
             s = pre.add_(b).sigmoid_()
             ig, fg, og, gg = s[:, :H], s[:, H:2 * H], s[:, 2 * H:3 * H], s[:, 3 * H:]
@@ -113,7 +111,8 @@ class FusedCell(torch.autograd.Function):
         x, hs, weights = saved[0], saved[1:1 + layers], saved[1 + layers:1 + layers + n_w]
         new_h, acts = saved[1 + layers + n_w:1 + 2 * layers + n_w], saved[1 + 2 * layers + n_w:]
         if torch.is_grad_enabled():  # create_graph: differentiate the autograd-recorded cell instead
-            return (None, *_graph_backward(ctx, du, dstates))
+            cs = acts[2:3 * layers:3]  # the c of each layer's (s, t, c)
+            return (None, *_graph_backward(ctx, [x, *hs, *cs, *weights], du, dstates))
         need = ctx.needs_input_grad[1:]  # [x, h..., c..., weights...]
         need_h, need_c, need_w = need[1:1 + layers], need[1 + layers:1 + 2 * layers], need[1 + 2 * layers:]
         dh_ext, dc_ext = dstates[:layers], dstates[layers:]
@@ -194,15 +193,11 @@ class FusedCell(torch.autograd.Function):
         return (None, dx, *dh_prev, *dc_prev, *g_w)
 
 
-def _graph_backward(ctx, du, dstates):
-    """The backward as a differentiable computation: re-run :func:`cell_core` under autograd."""
+def _graph_backward(ctx, ins, du, dstates):
+    """The backward as a differentiable computation: re-run :func:`cell_core` under autograd on ``ins``."""
     from .lstm import cell_core
 
     hidden, layers, readout, output_scale, skip_gain = ctx.meta
-    saved, n_w = ctx.saved_tensors, ctx.n_w
-    x, hs, weights = saved[0], saved[1:1 + layers], saved[1 + layers:1 + layers + n_w]
-    cs = saved[1 + 2 * layers + n_w:][2::3][:layers]  # the c of each layer's (s, t, c)
-    ins = [x, *hs, *cs, *weights]
     need = ctx.needs_input_grad[1:]
     with torch.enable_grad():
         leaves = [v.detach().requires_grad_() if not v.requires_grad else v for v in ins]

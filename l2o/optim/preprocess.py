@@ -40,6 +40,7 @@ def log_sign(g: torch.Tensor, p: float = 10.0) -> torch.Tensor:
 MOMENTUM_DECAYS = (0.5, 0.9, 0.99)
 RMS_DECAY = 0.999
 N_RICH = 2 + len(MOMENTUM_DECAYS) + 2
+_COMPILED_LAYOUT = len(MOMENTUM_DECAYS) == 3  # the compiled pass (lstm_kernel.rich) writes these 7 features
 
 
 def rich_init(n: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -59,8 +60,7 @@ def rich(g: torch.Tensor, state: dict[str, torch.Tensor], p: float = 10.0, eps: 
     Returns:
         ``([N, N_RICH] features, new state)``.
     """
-    if (not torch.is_grad_enabled() and len(MOMENTUM_DECAYS) == 3 and N_RICH == 7
-            and torch._C._functorch.peek_interpreter_stack() is None
+    if (_COMPILED_LAYOUT and not torch.is_grad_enabled() and torch._C._functorch.peek_interpreter_stack() is None
             and lstm_kernel.usable(g, state["m"], state["v"], state["t"])):
         return _rich_compiled(g, state, p, eps)
     decays = g.new_tensor(MOMENTUM_DECAYS)[:, None]
