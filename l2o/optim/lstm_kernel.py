@@ -110,6 +110,18 @@ void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T 
     }
 }
 
+/* One hidden unit without a graph from its four gate pre-activations (bias included): the cell
+   state *c is read, then overwritten; *h gets o tanh(c'). */
+static inline void unit_SFX(T ai, T af, T ao, T aq, T *restrict c, T *restrict h) {
+    T i = (T)1 / ((T)1 + EXP(-ai));
+    T f = (T)1 / ((T)1 + EXP(-af));
+    T o = (T)1 / ((T)1 + EXP(-ao));
+    T q = (T)1 / ((T)1 + EXP(-aq));
+    T cc = f * *c + i * ((T)2 * q - (T)1);
+    *c = cc;
+    *h = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
+}
+
 /* Without a graph: the same from pre (unchanged); c [N, H] updated in place (each element
    read, then written, by the same iteration), h [N, H] out. */
 void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c, T *restrict h,
@@ -117,17 +129,51 @@ void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c,
     for (int64_t n = 0; n < N; ++n) {
         ROWS(n)
         GATES(const, p, pre)
-        for (int64_t j = 0; j < H; ++j) {
-            T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
-            T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
-            T o = (T)1 / ((T)1 + EXP(-(po[j] + b[2 * H + j])));
-            T q = (T)1 / ((T)1 + EXP(-(pq[j] + b[3 * H + j])));
-            T cc = f * c[r0 + j] + i * ((T)2 * q - (T)1);
-            c[r0 + j] = cc;
-            h[r0 + j] = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
-        }
+        for (int64_t j = 0; j < H; ++j)
+            unit_SFX(pi[j] + b[j], pf[j] + b[H + j], po[j] + b[2 * H + j], pq[j] + b[3 * H + j], c + r0 + j,
+                     h + r0 + j);
     }
 }
+
+/* A layer without a graph, its products and gates in one pass per coordinate, so the [N, 4H]
+   pre-activations never go through memory: for coordinate n, [inp_n, h_n] W^T + b is accumulated
+   in ten vector registers per block of ten vectors of outputs (the GCC/Clang vector extension,
+   32-byte vectors), each input element broadcast once per block, then written to the row buffer
+   acc [P] that the gate loop reads from L1. wt [F + H, P] is W^T with its 4H columns zero-padded
+   to P, a multiple of ten vectors, bp [P] the padded bias; element (n, k) of inp is inp[n sn + k sk]
+   (the features' [N, F] view of [F, N] storage is read in place). c [N, H] is updated in place; h_out
+   [N, H] may be h itself (row n of h is read completely before row n of h_out is written). */
+typedef T vec_SFX __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
+#define V_SFX(p, u) (*(const vec_SFX *)((p) + (u) * (int64_t)(sizeof(vec_SFX) / sizeof(T))))
+#define ACC_SFX(OP, s, w) OP(0, s, w) OP(1, s, w) OP(2, s, w) OP(3, s, w) OP(4, s, w) \
+    OP(5, s, w) OP(6, s, w) OP(7, s, w) OP(8, s, w) OP(9, s, w)
+#define FMA_SFX(u, s, w) a##u += (s) * V_SFX(w, u);
+#define LOAD_SFX(u, s, w) vec_SFX a##u = V_SFX(w, u);
+#define STORE_SFX(u, s, w) *(vec_SFX *)((w) + (u) * (int64_t)(sizeof(vec_SFX) / sizeof(T))) = a##u;
+void layer_cm_SFX(const T *restrict inp, int64_t sn, int64_t sk, int64_t F, const T *h, const T *restrict wt,
+                  const T *restrict bp, T *restrict c, T *h_out, T *restrict acc, int64_t H, int64_t P, int64_t N) {
+    /* ten named accumulators (not an array: the compiler keeps them in registers) */
+    for (int64_t n = 0; n < N; ++n) {
+        const T *xr = inp + n * sn, *hr = h + n * H;
+        for (int64_t o0 = 0; o0 < P; o0 += 10 * (int64_t)(sizeof(vec_SFX) / sizeof(T))) {
+            ACC_SFX(LOAD_SFX, 0, bp + o0)
+            for (int64_t k = 0; k < F; ++k) {
+                ACC_SFX(FMA_SFX, xr[k * sk], wt + k * P + o0)
+            }
+            for (int64_t k = 0; k < H; ++k) {
+                ACC_SFX(FMA_SFX, hr[k], wt + (F + k) * P + o0)
+            }
+            ACC_SFX(STORE_SFX, 0, acc + o0)
+        }
+        for (int64_t j = 0; j < H; ++j)
+            unit_SFX(acc[j], acc[H + j], acc[2 * H + j], acc[3 * H + j], c + n * H + j, h_out + n * H + j);
+    }
+}
+#undef V_SFX
+#undef ACC_SFX
+#undef FMA_SFX
+#undef LOAD_SFX
+#undef STORE_SFX
 
 /* s [N, 4H] sigmoids, t [N, H], c [N, H] the previous cell state, dh and dc [N, H] the incoming
    gradients; out: dpre [N, 4H] (gradient of the pre-activations), dc_prev [N, H]. */
@@ -226,6 +272,8 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_fwd_cm_{sfx}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+        getattr(lib, f"layer_cm_{sfx}").argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6
+                                                    + [ctypes.c_int64] * 3)
         getattr(lib, f"rich_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64]
     return lib
 
@@ -287,6 +335,25 @@ def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: tor
     """Coordinate-major, no graph: from ``pre + b`` ([N, 4H] + [4H]), updates ``c`` [N, H] in place, writes ``h``."""
     N, H = c.shape
     getattr(kernel(), f"gates_fwd_cm_{_sfx(pre, b, c, h)}")(_p(pre), _p(b), _p(c), _p(h), H, N)
+
+
+def layer_forward_cm(inp: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                     h_out: torch.Tensor) -> None:
+    """One layer without a graph, products and gates in one pass: ``c`` [N, H] updated in place,
+    ``h_out`` [N, H] written (it may be ``h``); ``inp`` [N, F] of any strides, ``w`` [4H, F + H], ``b`` [4H]."""
+    N, H = c.shape
+    F = inp.shape[1]
+    block = 10 * (32 // inp.element_size())  # ten 32-byte vectors of outputs per register block
+    P = -(-4 * H // block) * block
+    wt = w.new_zeros(F + H, P)
+    wt[:, :4 * H] = w.t()
+    bp = b.new_zeros(P)
+    bp[:4 * H] = b
+    acc = b.new_empty(P)
+    if inp.dtype != h.dtype or inp.device.type != "cpu":
+        raise ValueError("the LSTM kernel needs CPU tensors of one dtype")
+    getattr(kernel(), f"layer_cm_{_sfx(h, wt, bp, c, h_out, acc)}")(
+        _p(inp), inp.stride(0), inp.stride(1), F, _p(h), _p(wt), _p(bp), _p(c), _p(h_out), _p(acc), H, P, N)
 
 
 def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
