@@ -184,6 +184,60 @@ def test_kernel_propagates_nan_and_saturates():
     torch.testing.assert_close(c2[2:, 0], torch.tensor([1.0, 1.0], **f32), rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("hidden,feats", [(20, 7), (3, 2), (25, 20), (1, 1)])
+def test_one_pass_layer_equals_products_and_gate_pass(hidden, feats, dtype, tol):
+    """A layer's products and gates in one compiled pass (the no-graph step) against BLAS products and
+    the separate gate pass (the path with a graph): padded output blocks (4 x hidden not a multiple of
+    the register block, or more than one block), features read from [F, N] storage, h written in place."""
+    if lstm_kernel.kernel() is None:
+        pytest.skip("no C compiler: the compiled kernel is unavailable")
+    gen = torch.Generator().manual_seed(hidden)
+    n = 37
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    x = r(feats, n, scale=2.0).t()  # [n, feats] view of [feats, n] storage, as the features come
+    h, c = r(n, hidden), r(n, hidden, scale=3.0)
+    w, b = r(4 * hidden, feats + hidden, scale=0.7), r(4 * hidden)
+    pre = torch.mm(x, w[:, :feats].t()).addmm_(h, w[:, feats:].t())
+    c_ref, h_ref = c.clone(), torch.empty_like(h)
+    lstm_kernel.gates_forward_cm(pre, b, c_ref, h_ref)
+    c_one, h_one = c.clone(), h.clone()
+    lstm_kernel.layer_forward_cm(x, h_one, w, b, c_one, h_one)  # h' written over h
+    torch.testing.assert_close(c_one, c_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(h_one, h_ref, rtol=tol, atol=tol)
+    c_two, h_two = c.clone(), torch.empty_like(h)
+    lstm_kernel.layer_forward_cm(x.contiguous(), h, w, b, c_two, h_two)  # another output, contiguous input
+    assert torch.equal(c_two, c_one) and torch.equal(h_two, h_one)
+
+
+def test_no_graph_step_equals_the_recorded_cell_with_states_of_other_strides():
+    """Float64: the one-pass no-graph step (kernel) equals the eager one (BLAS products, eager gates), for
+    both readouts, with states given as transposed views (copied for the kernel, never written)."""
+    if lstm_kernel.kernel() is None:
+        pytest.skip("no C compiler: the compiled kernel is unavailable")
+    for readout in ("dir_mag", "linear"):
+        opt = l2o.optim.LSTMOptimizer(hidden=6, inputs="rich", readout=readout, init_scale=0.5)
+        gen = torch.Generator().manual_seed(0)
+        params = {"a": torch.randn(4, 5, generator=gen), "b": torch.randn(3, generator=gen)}
+        n = 23
+        state = opt.init(params)
+        state = {**state, "h": [torch.randn(6, n, generator=gen).t() for _ in range(2)],
+                 "c": [torch.randn(6, n, generator=gen).t() for _ in range(2)]}
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+        before = [t.clone() for t in state["h"] + state["c"]]
+        with torch.no_grad():
+            fast, s_fast = opt.step(params, grads, state)
+            assert all(torch.equal(a, b) for a, b in zip(state["h"] + state["c"], before))
+            with lstm_kernel.disabled():
+                ref, s_ref = opt.step(params, grads, state)
+        for k in params:
+            torch.testing.assert_close(fast[k], ref[k], rtol=1e-13, atol=1e-14)
+        for a, b in zip(s_fast["h"] + s_fast["c"], s_ref["h"] + s_ref["c"]):
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+
+
 def test_without_a_compiler_the_step_warns_once_and_runs_eagerly(monkeypatch, tmp_path):
     monkeypatch.setattr(lstm_kernel, "_state", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
