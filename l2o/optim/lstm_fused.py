@@ -36,8 +36,8 @@ def forward_cm(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], 
     outputs with an inner dimension of 7-20), and the backward's 1.35x faster. The gates'
     elementwise work, bias included, is one compiled pass (:mod:`l2o.optim.lstm_kernel`)
     or eager operations; the readout is feature-major (its 1-2 output rows of N: as
-    ``[N, 2]`` the product ran 3.5x slower). With the compiled kernel, each layer's products
-    and gates are instead one pass (:func:`_forward_kernel`).
+    ``[N, 2]`` the product ran 3.5x slower). Without a graph and with the kernel, each
+    layer's products and gates are instead one compiled pass (:func:`_forward_kernel`).
 
     ``save`` (:class:`FusedCell`): ``saved`` holds, per layer, the gate activations
     ``s [N, 4H]``, ``t = tanh(c') [N, H]`` and the (contiguous) ``c`` used, then the
@@ -47,8 +47,8 @@ def forward_cm(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], 
     steps. Returns ``(update [N], new hidden states, new cell states, saved)``.
     """
     H = hidden
-    if _kernel_applies(x, hs, cs, weights, readout):
-        return _forward_kernel(x, hs, cs, weights, readout, output_scale, skip_gain, into, save)
+    if not save and _kernel_applies(x, hs, cs, weights, readout):
+        return (*_forward_kernel(x, hs, cs, weights, readout, output_scale, skip_gain, into), [])
     x = x.contiguous()  # the features come as [N, F] views of [F, N] storage: products with them ran 1.9x slower
     inp, new_h, new_c, saved = x, [], [], []
     for i, (h, c) in enumerate(zip(hs, cs)):
@@ -102,32 +102,24 @@ def _kernel_applies(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tens
 
 
 def _forward_kernel(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
-                    readout: str, output_scale: float, skip_gain: float, into: bool, save: bool):
-    """:func:`forward_cm` on the compiled kernel: each layer's products and gates in one pass
-    (:func:`l2o.optim.lstm_kernel.layer_forward_cm`: the ``[N, 4H]`` pre-activations never go
-    through memory; without a graph 0.70x the time of BLAS products and a separate gate pass,
-    ``benchmarks/lstm_parts.py``), the features read in place from their ``[F, N]`` storage.
-    The same arithmetic as the eager path up to the order of the products' sums (float32
-    rounding). With ``save``, each layer's sigmoids, ``tanh(c')`` and ``c`` are kept as
-    :func:`forward_cm` documents."""
-    inp, new_h, new_c, saved = x, [], [], []
+                    readout: str, output_scale: float, skip_gain: float, into: bool):
+    """:func:`forward_cm` without a graph on the compiled kernel: each layer's products and gates in one
+    pass (:func:`l2o.optim.lstm_kernel.layer_forward_cm`: the ``[N, 4H]`` pre-activations never go
+    through memory; 0.68x the time of the BLAS products and separate gate pass, which the path with
+    a graph keeps because its backward needs the gates, ``benchmarks/lstm_parts.py``), the
+    features read in place from their ``[F, N]`` storage. The same arithmetic as that path up to
+    the order of the products' sums (float32 rounding)."""
+    inp, new_h, new_c = x, [], []
     with torch.no_grad():
         for i, (h, c) in enumerate(zip(hs, cs)):
-            h, c = h.contiguous(), c.contiguous()
-            if save:
-                c_new, h_new = torch.empty_like(c), torch.empty_like(c)
-                s, t = c.new_empty(c.shape[0], 4 * c.shape[1]), torch.empty_like(c)
-                lstm_kernel.layer_forward_cm(inp, h, weights[2 * i], weights[2 * i + 1], c, h_new, c_new, s, t)
-                saved += [s, t, c]
-            else:
-                c_new = c if into else c.clone()
-                h_new = h if into else torch.empty_like(c_new)
-                lstm_kernel.layer_forward_cm(inp, h, weights[2 * i], weights[2 * i + 1], c_new, h_new)
+            c_new = c if into else c.clone(memory_format=torch.contiguous_format)
+            h_new = h if into else torch.empty_like(c_new)
+            lstm_kernel.layer_forward_cm(inp, h.contiguous(), weights[2 * i], weights[2 * i + 1], c_new, h_new)
             new_h.append(h_new)
             new_c.append(c_new)
             inp = h_new
-        update, extra = _readout(x, inp, weights[2 * len(hs):], readout, output_scale, skip_gain, save)
-    return update, new_h, new_c, saved + extra
+        update, _ = _readout(x, inp, weights[2 * len(hs):], readout, output_scale, skip_gain, False)
+    return update, new_h, new_c
 
 
 class FusedCell(torch.autograd.Function):

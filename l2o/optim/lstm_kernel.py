@@ -85,36 +85,6 @@ _GATES = r"""
     Q T *restrict NAME##i = (base) + g0, *restrict NAME##f = NAME##i + H, \
         *restrict NAME##o = NAME##i + 2 * H, *restrict NAME##q = NAME##i + 3 * H;
 
-/* One hidden unit without a graph from its four gate pre-activations (bias included) and its
-   cell state cv: *c_out gets c', *h gets o tanh(c') (c_out may be where cv was read from). */
-static inline void unit_SFX(T ai, T af, T ao, T aq, T cv, T *c_out, T *h) {
-    T i = (T)1 / ((T)1 + EXP(-ai));
-    T f = (T)1 / ((T)1 + EXP(-af));
-    T o = (T)1 / ((T)1 + EXP(-ao));
-    T q = (T)1 / ((T)1 + EXP(-aq));
-    T cc = f * cv + i * ((T)2 * q - (T)1);
-    *c_out = cc;
-    *h = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
-}
-
-/* The same with a graph: also the sigmoids into *si, *sf, *so, *sq and tanh(c') into *t. */
-static inline void unit_save_SFX(T ai, T af, T ao, T aq, T cv, T *si, T *sf, T *so, T *sq, T *c_out, T *t,
-                                 T *h) {
-    T i = (T)1 / ((T)1 + EXP(-ai));
-    T f = (T)1 / ((T)1 + EXP(-af));
-    T o = (T)1 / ((T)1 + EXP(-ao));
-    T q = (T)1 / ((T)1 + EXP(-aq));
-    *si = i;
-    *sf = f;
-    *so = o;
-    *sq = q;
-    T cc = f * cv + i * ((T)2 * q - (T)1);
-    T th = (T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1;
-    *c_out = cc;
-    *t = th;
-    *h = o * th;
-}
-
 /* With a graph: pre holds the gate products (the bias b [4H] still to add) and gets the
    sigmoids; c [N, H] in; c_new, t = tanh(c_new), h_new out. */
 void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T *restrict c_new, T *restrict t,
@@ -122,10 +92,34 @@ void gates_fwd_SFX(T *restrict pre, const T *restrict b, const T *restrict c, T 
     for (int64_t n = 0; n < N; ++n) {
         ROWS(n)
         GATES(, p, pre)
-        for (int64_t j = 0; j < H; ++j)
-            unit_save_SFX(pi[j] + b[j], pf[j] + b[H + j], po[j] + b[2 * H + j], pq[j] + b[3 * H + j], c[r0 + j],
-                          pi + j, pf + j, po + j, pq + j, c_new + r0 + j, t + r0 + j, h_new + r0 + j);
+        for (int64_t j = 0; j < H; ++j) {
+            T i = (T)1 / ((T)1 + EXP(-(pi[j] + b[j])));
+            T f = (T)1 / ((T)1 + EXP(-(pf[j] + b[H + j])));
+            T o = (T)1 / ((T)1 + EXP(-(po[j] + b[2 * H + j])));
+            T q = (T)1 / ((T)1 + EXP(-(pq[j] + b[3 * H + j])));
+            pi[j] = i;
+            pf[j] = f;
+            po[j] = o;
+            pq[j] = q;
+            T cc = f * c[r0 + j] + i * ((T)2 * q - (T)1);
+            T th = (T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1;
+            c_new[r0 + j] = cc;
+            t[r0 + j] = th;
+            h_new[r0 + j] = o * th;
+        }
     }
+}
+
+/* One hidden unit without a graph from its four gate pre-activations (bias included): the cell
+   state *c is read, then overwritten; *h gets o tanh(c'). */
+static inline void unit_SFX(T ai, T af, T ao, T aq, T *restrict c, T *restrict h) {
+    T i = (T)1 / ((T)1 + EXP(-ai));
+    T f = (T)1 / ((T)1 + EXP(-af));
+    T o = (T)1 / ((T)1 + EXP(-ao));
+    T q = (T)1 / ((T)1 + EXP(-aq));
+    T cc = f * *c + i * ((T)2 * q - (T)1);
+    *c = cc;
+    *h = o * ((T)2 / ((T)1 + EXP((T)-2 * cc)) - (T)1);
 }
 
 /* Without a graph: the same from pre (unchanged); c [N, H] updated in place (each element
@@ -136,20 +130,19 @@ void gates_fwd_cm_SFX(const T *restrict pre, const T *restrict b, T *restrict c,
         ROWS(n)
         GATES(const, p, pre)
         for (int64_t j = 0; j < H; ++j)
-            unit_SFX(pi[j] + b[j], pf[j] + b[H + j], po[j] + b[2 * H + j], pq[j] + b[3 * H + j], c[r0 + j],
-                     c + r0 + j, h + r0 + j);
+            unit_SFX(pi[j] + b[j], pf[j] + b[H + j], po[j] + b[2 * H + j], pq[j] + b[3 * H + j], c + r0 + j,
+                     h + r0 + j);
     }
 }
 
-/* A layer, its products and gates in one pass per coordinate, so the [N, 4H] pre-activations
-   never go through memory: for coordinate n, [inp_n, h_n] W^T + b is accumulated in ten vector
-   registers per block of ten vectors of outputs (the GCC/Clang vector extension, 32-byte
-   vectors), each input element broadcast once per block, then written to acc [P + H], a row
-   buffer the gate loop reads from L1. wt [F + H, P] is W^T with its 4H columns zero-padded to P,
-   a multiple of ten vectors; bp [P] the padded bias. Element (n, k) of inp is inp[n sn + k sk]
-   (the features' [N, F] view of [F, N] storage is read in place). c [N, H] in, c_out and h_out
-   [N, H] out: c_out may be c and h_out may be h (row n of each is read before it is written).
-   With a graph, s [N, 4H] gets the gate sigmoids and t [N, H] tanh(c'); else both are NULL. */
+/* A layer without a graph, its products and gates in one pass per coordinate, so the [N, 4H]
+   pre-activations never go through memory: for coordinate n, [inp_n, h_n] W^T + b is accumulated
+   in ten vector registers per block of ten vectors of outputs (the GCC/Clang vector extension,
+   32-byte vectors), each input element broadcast once per block, then written to the row buffer
+   acc [P] that the gate loop reads from L1. wt [F + H, P] is W^T with its 4H columns zero-padded
+   to P, a multiple of ten vectors, bp [P] the padded bias; element (n, k) of inp is inp[n sn + k sk]
+   (the features' [N, F] view of [F, N] storage is read in place). c [N, H] is updated in place; h_out
+   [N, H] may be h itself (row n of h is read completely before row n of h_out is written). */
 typedef T vec_SFX __attribute__((vector_size(32), aligned(sizeof(T)), may_alias));
 #define V_SFX(p, u) (*(const vec_SFX *)((p) + (u) * (int64_t)(sizeof(vec_SFX) / sizeof(T))))
 #define ACC_SFX(OP, s, w) OP(0, s, w) OP(1, s, w) OP(2, s, w) OP(3, s, w) OP(4, s, w) \
@@ -158,8 +151,7 @@ typedef T vec_SFX __attribute__((vector_size(32), aligned(sizeof(T)), may_alias)
 #define LOAD_SFX(u, s, w) vec_SFX a##u = V_SFX(w, u);
 #define STORE_SFX(u, s, w) *(vec_SFX *)((w) + (u) * (int64_t)(sizeof(vec_SFX) / sizeof(T))) = a##u;
 void layer_cm_SFX(const T *restrict inp, int64_t sn, int64_t sk, int64_t F, const T *h, const T *restrict wt,
-                  const T *restrict bp, const T *c, T *c_out, T *h_out, T *restrict s, T *restrict t,
-                  T *restrict acc, int64_t H, int64_t P, int64_t N) {
+                  const T *restrict bp, T *restrict c, T *h_out, T *restrict acc, int64_t H, int64_t P, int64_t N) {
     /* ten named accumulators (not an array: the compiler keeps them in registers) */
     for (int64_t n = 0; n < N; ++n) {
         const T *xr = inp + n * sn, *hr = h + n * H;
@@ -173,22 +165,8 @@ void layer_cm_SFX(const T *restrict inp, int64_t sn, int64_t sk, int64_t F, cons
             }
             ACC_SFX(STORE_SFX, 0, acc + o0)
         }
-        /* row n of c into acc[P..P+H) first: c_out may be c, and the gate loop then reads only acc,
-           so it is vectorised without a run-time aliasing check */
-        memcpy(acc + P, c + n * H, (size_t)H * sizeof(T));
-        const T *restrict cr = acc + P;
-        T *restrict co = c_out + n * H, *restrict ho = h_out + n * H;
-        if (s) {  /* with a graph: the sigmoids and tanh(c') kept for the backward */
-            ROWS(n)
-            GATES(, s_, s)
-            T *restrict tr = t + r0;
-            for (int64_t j = 0; j < H; ++j)
-                unit_save_SFX(acc[j], acc[H + j], acc[2 * H + j], acc[3 * H + j], cr[j], s_i + j, s_f + j, s_o + j,
-                              s_q + j, co + j, tr + j, ho + j);
-        } else {
-            for (int64_t j = 0; j < H; ++j)
-                unit_SFX(acc[j], acc[H + j], acc[2 * H + j], acc[3 * H + j], cr[j], co + j, ho + j);
-        }
+        for (int64_t j = 0; j < H; ++j)
+            unit_SFX(acc[j], acc[H + j], acc[2 * H + j], acc[3 * H + j], c + n * H + j, h_out + n * H + j);
     }
 }
 #undef V_SFX
@@ -294,7 +272,7 @@ def _build() -> ctypes.CDLL:
         getattr(lib, f"gates_fwd_{sfx}").argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_bwd_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2
         getattr(lib, f"gates_fwd_cm_{sfx}").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
-        getattr(lib, f"layer_cm_{sfx}").argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 9
+        getattr(lib, f"layer_cm_{sfx}").argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 6
                                                     + [ctypes.c_int64] * 3)
         getattr(lib, f"rich_{sfx}").argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64]
     return lib
@@ -360,30 +338,22 @@ def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: tor
 
 
 def layer_forward_cm(inp: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                     h_out: torch.Tensor, c_out: torch.Tensor | None = None, s: torch.Tensor | None = None,
-                     t: torch.Tensor | None = None) -> None:
-    """One layer, its products and gates in one pass: from ``inp`` [N, F] (any strides), ``h`` and
-    ``c`` [N, H], ``w`` [4H, F + H], ``b`` [4H], writes ``h_out`` (it may be ``h``) and ``c_out``
-    (default: ``c`` itself, updated in place); with a graph also the gate sigmoids ``s`` [N, 4H]
-    and ``t = tanh(c')`` [N, H] that the backward reads (both or neither)."""
+                     h_out: torch.Tensor) -> None:
+    """One layer without a graph, products and gates in one pass: ``c`` [N, H] updated in place,
+    ``h_out`` [N, H] written (it may be ``h``); ``inp`` [N, F] of any strides, ``w`` [4H, F + H], ``b`` [4H]."""
     N, H = c.shape
     F = inp.shape[1]
     block = 10 * (32 // inp.element_size())  # ten 32-byte vectors of outputs per register block
     P = -(-4 * H // block) * block
-    with torch.no_grad():
-        wt = w.new_zeros(F + H, P)
-        wt[:, :4 * H] = w.t()
-        bp = b.new_zeros(P)
-        bp[:4 * H] = b
-    acc = b.new_empty(P + H)  # a row of pre-activations, then a row of c
-    c_out = c if c_out is None else c_out
-    if (s is None) != (t is None):
-        raise ValueError("layer_forward_cm: give both s and t (with a graph) or neither")
+    wt = w.new_zeros(F + H, P)
+    wt[:, :4 * H] = w.t()
+    bp = b.new_zeros(P)
+    bp[:4 * H] = b
+    acc = b.new_empty(P)
     if inp.dtype != h.dtype or inp.device.type != "cpu":
         raise ValueError("the LSTM kernel needs CPU tensors of one dtype")
-    getattr(kernel(), f"layer_cm_{_sfx(h, wt, bp, c, c_out, h_out, acc, s, t)}")(
-        _p(inp), inp.stride(0), inp.stride(1), F, _p(h), _p(wt), _p(bp), _p(c), _p(c_out), _p(h_out), _p(s), _p(t),
-        _p(acc), H, P, N)
+    getattr(kernel(), f"layer_cm_{_sfx(h, wt, bp, c, h_out, acc)}")(
+        _p(inp), inp.stride(0), inp.stride(1), F, _p(h), _p(wt), _p(bp), _p(c), _p(h_out), _p(acc), H, P, N)
 
 
 def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
