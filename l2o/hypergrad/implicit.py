@@ -12,6 +12,7 @@ implicit hypergradient and are refused.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable
 
@@ -49,13 +50,32 @@ def conjugate_gradient(hvp: Callable[[Vec], Vec], b: Vec, iters: int, tol: float
 
 def neumann(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
     """``H^-1 b ~= alpha * sum_{j=0}^{iters} (I - alpha H)^j b`` (converges for ``alpha < 2 / lambda_max``)."""
-    term = list(b)
-    total = [t.clone() for t in b]
-    for _ in range(iters):
-        hv = hvp(term)
-        term = torch._foreach_add(term, hv, alpha=-alpha)  # term <- (I - alpha H) term
+    total = _neumann_sum(hvp, list(b), iters, alpha)
+    torch._foreach_mul_(total, alpha)
+    return total
+
+
+def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
+    """``sum_{j=0}^{iters} (I - alpha H)^j b`` (not yet times ``alpha``); empties the list ``b``.
+
+    The terms ``w_{j+1} = w_j - alpha H w_j`` and their sum live in two buffers of the
+    function's own, updated in place after the first term, and ``b``'s tensors are
+    dropped once used (the caller hands them over by the list): each term costs its
+    Hessian-vector product and two passes, and at most four weight-sized tensors are
+    alive at a time (term, sum, and the product's two parts), which matters where
+    fresh memory page-faults. The caller applies ``alpha`` (folded into its own pass).
+    """
+    hv = hvp(b)
+    term = torch._foreach_add(b, hv, alpha=-alpha)
+    del hv
+    total = torch._foreach_add(b, term)
+    b.clear()
+    for _ in range(iters - 1):
+        hv = hvp(term)  # done with ``term`` as a direction before it is overwritten
+        torch._foreach_add_(term, hv, alpha=-alpha)
+        del hv
         torch._foreach_add_(total, term)
-    return torch._foreach_mul(total, alpha)
+    return total
 
 
 def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, seed: int = 0) -> float:
@@ -103,6 +123,32 @@ def default_alpha(inner_loss: InnerLoss, hvp: Callable[[Vec], Vec], like: Vec) -
     return alpha
 
 
+def _graph_only(grads: tuple[torch.Tensor, ...]) -> list:
+    """The gradient's graph without its value: only the graph is differentiated again.
+
+    Each weight-sized gradient would otherwise stay allocated through every
+    Hessian-vector product. Where this torch differentiates from graph edges, the
+    tensors are replaced by their edges (and freed); otherwise they are kept.
+    """
+    if not _edges_differentiable():
+        return list(grads)
+    from torch.autograd.graph import get_gradient_edge
+
+    return [get_gradient_edge(g) if g.requires_grad else g for g in grads]
+
+
+@functools.lru_cache(maxsize=None)
+def _edges_differentiable() -> bool:
+    """Whether ``torch.autograd.grad`` takes graph edges as outputs (recent torch; probed once)."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+
+        x = torch.ones(1, requires_grad=True)
+        return torch.autograd.grad([get_gradient_edge(x * 2.0)], [x], grad_outputs=[torch.ones(1)])[0].item() == 2.0
+    except (ImportError, TypeError, RuntimeError):
+        return False
+
+
 def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, hparams: dict, *,
              method: str = "cg", iters: int = 100, alpha: float | None = None, tol: float = 1e-12
              ) -> dict[str, torch.Tensor]:
@@ -136,23 +182,29 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
     keys = list(params_star)
     p = [params_star[k].detach().requires_grad_() for k in keys]
     hv = list(hparams.values())
-    pd = dict(zip(keys, p))
+    # the objectives see views of the leaves: a written-out backward (a penalty's) can
+    # then ask the engine whether a product w.r.t. the params is needed, which it
+    # cannot answer for a leaf under autograd.grad (the mixed product needs none)
+    pd = {k: t.view_as(t) for k, t in zip(keys, p)}
     with torch.enable_grad():
         out = outer_loss(pd, hparams)
         g_out = torch.autograd.grad(out, p + hv, allow_unused=True)
         gp = [g if g is not None else torch.zeros_like(x) for g, x in zip(g_out[:len(p)], p)]
         direct = g_out[len(p):]
-        inner = inner_loss(pd, hparams, None)
-        dLdp = torch.autograd.grad(inner, p, create_graph=True)
+        del out, g_out
+        dLdp = _graph_only(torch.autograd.grad(inner_loss(pd, hparams, None), p, create_graph=True))
 
         def hvp(v: Vec) -> Vec:
             return list(torch.autograd.grad(dLdp, p, grad_outputs=v, retain_graph=True))
 
         if method == "cg":
             v = conjugate_gradient(hvp, gp, iters, tol)
+            torch._foreach_neg_(v)  # v is the solver's own: the mixed product comes out with its sign
         else:
             a = alpha if alpha is not None else default_alpha(inner_loss, hvp, gp)
-            v = neumann(hvp, gp, iters, a)
+            v = _neumann_sum(hvp, gp, iters, a)  # hands gp over: dropped once used
+            torch._foreach_mul_(v, -a)  # the series' step and the mixed product's sign in one pass
+        del gp
         mixed = torch.autograd.grad(dLdp, hv, grad_outputs=v, allow_unused=True)
     result = {}
     for (k, h), d, m in zip(hparams.items(), direct, mixed):
@@ -160,7 +212,7 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
             raise ValueError(f"meta-parameter {k!r} enters neither the inner gradient nor the outer loss: "
                              f"implicit differentiation cannot see it (a learning rate or an optimizer's weights "
                              f"act only through the optimizer); use reverse or forward mode")
-        result[k] = (d if d is not None else torch.zeros_like(h)) - (m if m is not None else torch.zeros_like(h))
+        result[k] = d if m is None else m if d is None else d + m
     return result
 
 
