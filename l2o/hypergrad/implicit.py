@@ -55,20 +55,31 @@ def neumann(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
     return total
 
 
-def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
+def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float, own_b: bool = False) -> Vec:
     """``sum_{j=0}^{iters} (I - alpha H)^j b`` (not yet times ``alpha``); empties the list ``b``.
 
-    The terms ``w_{j+1} = w_j - alpha H w_j`` and their sum live in two buffers of the
-    function's own, updated in place after the first term, and ``b``'s tensors are
-    dropped once used (the caller hands them over by the list): each term costs its
-    Hessian-vector product and two passes, and at most four weight-sized tensors are
-    alive at a time (term, sum, and the product's two parts), which matters where
-    fresh memory page-faults. The caller applies ``alpha`` (folded into its own pass).
+    The terms ``w_{j+1} = w_j - alpha H w_j`` and their sum are updated in place: the
+    first term is written into the first product's tensors and the sum into ``b``'s
+    (with ``own_b``, i.e. the caller's gradients are its to overwrite) wherever
+    :func:`_writable` finds them unshared, and ``b``'s tensors are dropped once used
+    (the caller hands them over by the list). Each term then costs its
+    Hessian-vector product and two passes, and no weight-sized tensor is allocated
+    beyond the products' own, which matters where fresh memory page-faults. The caller
+    applies ``alpha`` (folded into a pass of its own).
     """
     hv = hvp(b)
-    term = torch._foreach_add(b, hv, alpha=-alpha)
+    if _writable(hv, b):
+        for t, h in zip(b, hv):
+            torch.add(t, h, alpha=-alpha, out=h)
+        term = hv
+    else:
+        term = torch._foreach_add(b, hv, alpha=-alpha)
     del hv
-    total = torch._foreach_add(b, term)
+    if own_b and _writable(b, term):
+        total = list(b)
+        torch._foreach_add_(total, term)
+    else:
+        total = torch._foreach_add(b, term)
     b.clear()
     for _ in range(iters - 1):
         hv = hvp(term)  # done with ``term`` as a direction before it is overwritten
@@ -76,6 +87,17 @@ def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) ->
         del hv
         torch._foreach_add_(total, term)
     return total
+
+
+def _writable(ts: Vec, others: Vec) -> bool:
+    """Whether tensors made by autograd may be overwritten: dense, not views, sharing memory with none of ``others``
+    nor with each other (a sum's backward hands one gradient to both operands; an identity passes its input on)."""
+    seen = {o.data_ptr() for o in others}
+    for t in ts:
+        if t._base is not None or t.requires_grad or not t.is_contiguous() or t.numel() == 0 or t.data_ptr() in seen:
+            return False
+        seen.add(t.data_ptr())
+    return True
 
 
 def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, seed: int = 0) -> float:
@@ -202,7 +224,7 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
             torch._foreach_neg_(v)  # v is the solver's own: the mixed product comes out with its sign
         else:
             a = alpha if alpha is not None else default_alpha(inner_loss, hvp, gp)
-            v = _neumann_sum(hvp, gp, iters, a)  # hands gp over: dropped once used
+            v = _neumann_sum(hvp, gp, iters, a, own_b=True)  # hands gp over: overwritten, then dropped
             torch._foreach_mul_(v, -a)  # the series' step and the mixed product's sign in one pass
         del gp
         mixed = torch.autograd.grad(dLdp, hv, grad_outputs=v, allow_unused=True)
