@@ -259,6 +259,16 @@ class ImplicitOptions(Options):
         return self
 
 
+class _Stationary:
+    """``inner(p, h, t) + penalty(p)`` at a fixed step ``t`` (an object: the step-size cache keys on it)."""
+
+    def __init__(self, inner: Callable, penalty: Callable | None, t: int) -> None:
+        self.inner, self.penalty, self.t = inner, penalty, t
+
+    def __call__(self, p, h, _):
+        return self.inner(p, h, self.t) + (self.penalty(p) if self.penalty is not None else 0.0)
+
+
 @register
 class Implicit(Estimator):
     """Implicit differentiation at the end of each chunk (Lorraine et al. 2019).
@@ -276,9 +286,7 @@ class Implicit(Estimator):
     options_class = ImplicitOptions
 
     def _stationary(self, problem, t: int):
-        penalty = getattr(problem.opt, "penalty", None)
-        inner = loss_only(problem.inner_loss)
-        return lambda p, h, _: inner(p, h, t) + (penalty(p) if penalty is not None else 0.0)
+        return _Stationary(loss_only(problem.inner_loss), getattr(problem.opt, "penalty", None), t)
 
     def check(self, problem, meta_params) -> None:
         if problem.outer_loss is None:
@@ -293,6 +301,11 @@ class Implicit(Estimator):
         state.params, state.opt_state, state.t = res.params, res.state, state.t + n
         if not res.finite:
             return {k: torch.zeros_like(v) for k, v in meta_params.items()}, float("nan"), False
-        grads = implicit(self._stationary(p, state.t - 1), p.outer_loss, res.params, meta_params,
-                         method=self.options.solver, iters=self.options.iters)
+        # the default Neumann step is estimated at a run's first chunk and kept in the state (so
+        # a resumed run continues with it): 20 power iterations once per run, not per chunk
+        stationary, alpha = self._stationary(p, state.t - 1), state.extra.get("neumann_alpha")
+        grads = implicit(stationary, p.outer_loss, res.params, meta_params, method=self.options.solver,
+                         iters=self.options.iters, alpha=alpha)
+        if alpha is None and stationary in _ALPHAS:
+            state.extra["neumann_alpha"] = _ALPHAS[stationary][1]
         return grads, float(p.outer_loss(res.params, meta_params)), True
