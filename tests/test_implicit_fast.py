@@ -160,3 +160,14 @@ def test_implicit_estimator_estimates_the_neumann_step_once_per_run(monkeypatch)
             assert metrics["finite"]
         assert "neumann_alpha" in est.state_dict(state)["extra"]
     assert len(calls) == 2
+
+
+def test_implicit_results_are_distinct_plain_tensors():
+    """Autograd may hand one gradient to two meta-parameters, or an expanded view: each result is its own tensor."""
+    h = {"a": torch.tensor([1.0, 2.0], requires_grad=True), "b": torch.tensor([0.5, 0.1], requires_grad=True)}
+    inner = lambda p, hp, t: ((p["w"] - 1) ** 2).sum()  # noqa: E731
+    outer = lambda p, hp: (p["w"] * (hp["a"] + hp["b"])).sum() + hp["a"].sum()  # noqa: E731
+    g = implicit(inner, outer, {"w": torch.ones(2)}, h)
+    torch.testing.assert_close(g["a"], torch.tensor([2.0, 2.0]), rtol=0, atol=0)
+    torch.testing.assert_close(g["b"], torch.tensor([1.0, 1.0]), rtol=0, atol=0)
+    assert g["a"].data_ptr() != g["b"].data_ptr() and all(t._base is None for t in g.values())

@@ -234,7 +234,10 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
             raise ValueError(f"meta-parameter {k!r} enters neither the inner gradient nor the outer loss: "
                              f"implicit differentiation cannot see it (a learning rate or an optimizer's weights "
                              f"act only through the optimizer); use reverse or forward mode")
-        result[k] = d if m is None else m if d is None else d + m
+        r = d if m is None else m if d is None else d + m
+        if not _writable([r], list(result.values())):  # a view or a tensor shared with another entry: a copy
+            r = r.clone()
+        result[k] = r
     return result
 
 

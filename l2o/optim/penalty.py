@@ -69,7 +69,7 @@ class _Penalty(torch.autograd.Function):
         # f(x) * p is the gradient as well: kept for the first backward, then let go
         # (a graph kept for a second backward recomputes it rather than hold it)
         ctx.fxp = torch.mul(fx, p)
-        return 0.5 * torch.dot(ctx.fxp.reshape(-1), p.reshape(-1))
+        return 0.5 * torch.dot(ctx.fxp.reshape(-1), p.reshape(-1).to(ctx.fxp.dtype))
 
     @staticmethod
     def backward(ctx, grad):
