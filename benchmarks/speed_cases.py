@@ -343,12 +343,50 @@ def implicit(args, device, compare, row, header):
     def first_call():  # a new inner problem: the default step size is estimated
         return implicit_hypergrad(lambda q, h, t: inner(q, h, t), outer, params, hp, method="neumann", iters=3)
 
+    # The floor of any exact Neumann-3 hypergradient here: its products with the 784x784
+    # layer. Outer gradient 2 (forward, weight gradient), inner gradient with graph 2, each
+    # of the 3 Hessian-vector products 2 (the forward tangent x V^T, the weight gradient's
+    # tangent) = 10 (9 if the inner gradient's unused value were skipped); an SGD step has 2.
+    # Timed into preallocated outputs: arithmetic only, no allocation.
+    x, w = train[0].reshape(len(train[0]), -1), next(iter(params.values()))
+    gz = torch.randn(x.shape[0], w.shape[0], generator=g).to(device)
+    fwd, wgrad = torch.empty(x.shape[0], w.shape[0], device=device), torch.empty_like(w)
+
+    def products(n):
+        for _ in range(n):
+            torch.mm(x, w.t(), out=fwd)
+            torch.mm(gz.t(), x, out=wgrad)
+
     med = compare({"sgd": sgd_step, "default": lambda: implicit_hypergrad(inner, outer, params, hp,
                                                                           method="neumann", iters=3),
-                   "first": first_call})
+                   "first": first_call, "products10": lambda: products(5), "products2": lambda: products(1)})
     n = sum(v.numel() for v in hp.values())
     print(f"MLP 784-784-10 (ReLU), 50 examples, {n} weight decays (WeightDecay(Adam), one per weight)\n")
     print(header)
     print(row("implicit Neumann-3, default arguments / plain torch.optim.SGD step", med["default"], med["sgd"], 4))
     print(row("same, first call of an inner problem (20 power iterations) / SGD step", med["first"], med["sgd"],
               None))
+    print(row("floor: the 10 layer products of exact Neumann-3 / SGD step", med["products10"], med["sgd"], None))
+    print(row("the SGD step's own 2 layer products / SGD step", med["products2"], med["sgd"], None))
+    if device.type == "cpu":  # on a shared machine: CPU time (immune to time slicing) and page faults per call
+        cpu, faults = cpu_and_faults({"sgd": sgd_step, "default": lambda: implicit_hypergrad(
+            inner, outer, params, hp, method="neumann", iters=3)}, args.repeats)
+        print(f"\nCPU time per call (median of {args.repeats}): implicit {1e3 * cpu['default']:.2f} ms, SGD step "
+              f"{1e3 * cpu['sgd']:.2f} ms, ratio {cpu['default'] / cpu['sgd']:.2f}x; minor page faults per call: "
+              f"implicit {faults['default']:.0f}, SGD step {faults['sgd']:.0f} (a 784x784 float32 tensor spans "
+              f"600 pages)")
+
+
+def cpu_and_faults(fns, repeats):
+    """Median thread CPU time and mean minor page faults per call of each callable, interleaved."""
+    import resource
+    import statistics
+
+    cpu, faults = {n: [] for n in fns}, {n: 0 for n in fns}
+    for r in range(repeats):
+        for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            f0, c0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+            fns[n]()
+            cpu[n].append(time.thread_time() - c0)
+            faults[n] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    return {n: statistics.median(v) for n, v in cpu.items()}, {n: v / repeats for n, v in faults.items()}

@@ -257,9 +257,9 @@ def test_penalty_derivatives_match_plain_formula():
     v = torch.randn(4, 3, generator=gen)
     for a, b in zip(torch.autograd.grad((g1 * v).sum(), [p, raw]), torch.autograd.grad((g2 * v).sum(), [p, raw])):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)  # Hessian- and mixed-vector products
-    assert torch.autograd.gradcheck(lambda q, d: l2o.optim.weight_decay._Penalty.apply(q, d),
+    assert torch.autograd.gradcheck(lambda q, d: l2o.optim.penalty._Penalty.apply(q, d),
                                     (p, torch.rand(4, 3, generator=gen, requires_grad=True)))
-    assert torch.autograd.gradgradcheck(lambda q, d: l2o.optim.weight_decay._Penalty.apply(q, d),
+    assert torch.autograd.gradgradcheck(lambda q, d: l2o.optim.penalty._Penalty.apply(q, d),
                                         (p, torch.rand((), generator=gen, requires_grad=True)))
 
 

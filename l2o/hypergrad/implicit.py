@@ -12,64 +12,15 @@ implicit hypergradient and are refused.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable
 
 import torch
 
 from .reverse import check_hparams
+from .solvers import Vec, _neumann_sum, _writable, conjugate_gradient, largest_eigenvalue, neumann  # noqa: F401
 from .unroll import InnerLoss, OuterLoss, Params
-
-Vec = list[torch.Tensor]
-
-
-def _dot(a: Vec, b: Vec) -> torch.Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b))
-
-
-def conjugate_gradient(hvp: Callable[[Vec], Vec], b: Vec, iters: int, tol: float = 1e-12) -> Vec:
-    """Solve ``H x = b`` for symmetric positive-definite ``H`` given as ``hvp``."""
-    x = [torch.zeros_like(t) for t in b]
-    r = [t.clone() for t in b]
-    p = [t.clone() for t in b]
-    rr = _dot(r, r)
-    b_norm = float(rr) ** 0.5
-    for _ in range(iters):
-        if float(rr) ** 0.5 <= tol * max(b_norm, 1e-300):
-            break
-        hp = hvp(p)
-        alpha = rr / _dot(p, hp)
-        x = [xi + alpha * pi for xi, pi in zip(x, p)]
-        r = [ri - alpha * hi for ri, hi in zip(r, hp)]
-        rr_new = _dot(r, r)
-        p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p)]
-        rr = rr_new
-    return x
-
-
-def neumann(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float) -> Vec:
-    """``H^-1 b ~= alpha * sum_{j=0}^{iters} (I - alpha H)^j b`` (converges for ``alpha < 2 / lambda_max``)."""
-    term = list(b)
-    total = [t.clone() for t in b]
-    for _ in range(iters):
-        hv = hvp(term)
-        term = torch._foreach_add(term, hv, alpha=-alpha)  # term <- (I - alpha H) term
-        torch._foreach_add_(total, term)
-    return torch._foreach_mul(total, alpha)
-
-
-def largest_eigenvalue(hvp: Callable[[Vec], Vec], like: Vec, iters: int = 20, seed: int = 0) -> float:
-    """Power iteration estimate of the Hessian's largest-magnitude eigenvalue."""
-    g = torch.Generator().manual_seed(seed)
-    v = [torch.randn(t.shape, generator=g, dtype=t.dtype).to(t.device) for t in like]
-    lam = 1.0
-    for _ in range(iters):
-        n = float(_dot(v, v)) ** 0.5
-        v = [t / n for t in v]
-        hv = hvp(v)
-        lam = float(_dot(v, hv))
-        v = hv
-    return abs(lam)
 
 
 # inner_loss -> (parameter shapes, alpha): the default Neumann step of each inner problem
@@ -101,6 +52,32 @@ def default_alpha(inner_loss: InnerLoss, hvp: Callable[[Vec], Vec], like: Vec) -
     except TypeError:
         pass
     return alpha
+
+
+def _graph_only(grads: tuple[torch.Tensor, ...]) -> list:
+    """The gradient's graph without its value: only the graph is differentiated again.
+
+    Each weight-sized gradient would otherwise stay allocated through every
+    Hessian-vector product. Where this torch differentiates from graph edges, the
+    tensors are replaced by their edges (and freed); otherwise they are kept.
+    """
+    if not _edges_differentiable():
+        return list(grads)
+    from torch.autograd.graph import get_gradient_edge
+
+    return [get_gradient_edge(g) if g.requires_grad else g for g in grads]
+
+
+@functools.lru_cache(maxsize=None)
+def _edges_differentiable() -> bool:
+    """Whether ``torch.autograd.grad`` takes graph edges as outputs (recent torch; probed once)."""
+    try:
+        from torch.autograd.graph import get_gradient_edge
+
+        x = torch.ones(1, requires_grad=True)
+        return torch.autograd.grad([get_gradient_edge(x * 2.0)], [x], grad_outputs=[torch.ones(1)])[0].item() == 2.0
+    except (ImportError, TypeError, RuntimeError):
+        return False
 
 
 def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, hparams: dict, *,
@@ -136,23 +113,29 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
     keys = list(params_star)
     p = [params_star[k].detach().requires_grad_() for k in keys]
     hv = list(hparams.values())
-    pd = dict(zip(keys, p))
+    # the objectives see views of the leaves: a written-out backward (a penalty's) can
+    # then ask the engine whether a product w.r.t. the params is needed, which it
+    # cannot answer for a leaf under autograd.grad (the mixed product needs none)
+    pd = {k: t.view_as(t) for k, t in zip(keys, p)}
     with torch.enable_grad():
         out = outer_loss(pd, hparams)
         g_out = torch.autograd.grad(out, p + hv, allow_unused=True)
         gp = [g if g is not None else torch.zeros_like(x) for g, x in zip(g_out[:len(p)], p)]
         direct = g_out[len(p):]
-        inner = inner_loss(pd, hparams, None)
-        dLdp = torch.autograd.grad(inner, p, create_graph=True)
+        del out, g_out
+        dLdp = _graph_only(torch.autograd.grad(inner_loss(pd, hparams, None), p, create_graph=True))
 
         def hvp(v: Vec) -> Vec:
             return list(torch.autograd.grad(dLdp, p, grad_outputs=v, retain_graph=True))
 
         if method == "cg":
             v = conjugate_gradient(hvp, gp, iters, tol)
+            torch._foreach_neg_(v)  # v is the solver's own: the mixed product comes out with its sign
         else:
             a = alpha if alpha is not None else default_alpha(inner_loss, hvp, gp)
-            v = neumann(hvp, gp, iters, a)
+            v = _neumann_sum(hvp, gp, iters, a, own_b=True)  # hands gp over: overwritten, then dropped
+            torch._foreach_mul_(v, -a)  # the series' step and the mixed product's sign in one pass
+        del gp
         mixed = torch.autograd.grad(dLdp, hv, grad_outputs=v, allow_unused=True)
     result = {}
     for (k, h), d, m in zip(hparams.items(), direct, mixed):
@@ -160,7 +143,10 @@ def implicit(inner_loss: InnerLoss, outer_loss: OuterLoss, params_star: Params, 
             raise ValueError(f"meta-parameter {k!r} enters neither the inner gradient nor the outer loss: "
                              f"implicit differentiation cannot see it (a learning rate or an optimizer's weights "
                              f"act only through the optimizer); use reverse or forward mode")
-        result[k] = (d if d is not None else torch.zeros_like(h)) - (m if m is not None else torch.zeros_like(h))
+        r = d if m is None else m if d is None else d + m
+        if not _writable([r], list(result.values())):  # a view or a tensor shared with another entry: a copy
+            r = r.clone()
+        result[k] = r
     return result
 
 
@@ -185,6 +171,16 @@ class ImplicitOptions(Options):
         return self
 
 
+class _Stationary:
+    """``inner(p, h, t) + penalty(p)`` at a fixed step ``t`` (an object: the step-size cache keys on it)."""
+
+    def __init__(self, inner: Callable, penalty: Callable | None, t: int) -> None:
+        self.inner, self.penalty, self.t = inner, penalty, t
+
+    def __call__(self, p, h, _):
+        return self.inner(p, h, self.t) + (self.penalty(p) if self.penalty is not None else 0.0)
+
+
 @register
 class Implicit(Estimator):
     """Implicit differentiation at the end of each chunk (Lorraine et al. 2019).
@@ -202,9 +198,7 @@ class Implicit(Estimator):
     options_class = ImplicitOptions
 
     def _stationary(self, problem, t: int):
-        penalty = getattr(problem.opt, "penalty", None)
-        inner = loss_only(problem.inner_loss)
-        return lambda p, h, _: inner(p, h, t) + (penalty(p) if penalty is not None else 0.0)
+        return _Stationary(loss_only(problem.inner_loss), getattr(problem.opt, "penalty", None), t)
 
     def check(self, problem, meta_params) -> None:
         if problem.outer_loss is None:
@@ -219,6 +213,11 @@ class Implicit(Estimator):
         state.params, state.opt_state, state.t = res.params, res.state, state.t + n
         if not res.finite:
             return {k: torch.zeros_like(v) for k, v in meta_params.items()}, float("nan"), False
-        grads = implicit(self._stationary(p, state.t - 1), p.outer_loss, res.params, meta_params,
-                         method=self.options.solver, iters=self.options.iters)
+        # the default Neumann step is estimated at a run's first chunk and kept in the state (so
+        # a resumed run continues with it): 20 power iterations once per run, not per chunk
+        stationary, alpha = self._stationary(p, state.t - 1), state.extra.get("neumann_alpha")
+        grads = implicit(stationary, p.outer_loss, res.params, meta_params, method=self.options.solver,
+                         iters=self.options.iters, alpha=alpha)
+        if alpha is None and stationary in _ALPHAS:
+            state.extra["neumann_alpha"] = _ALPHAS[stationary][1]
         return grads, float(p.outer_loss(res.params, meta_params)), True

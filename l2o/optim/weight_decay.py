@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import DifferentiableOptimizer, Params, State
+from .penalty import penalty as _penalty
 
 
 def softplus_inverse(value: float) -> float:
@@ -30,30 +31,6 @@ def softplus_inverse(value: float) -> float:
 def module_key(name: str) -> str:
     """A parameter name usable as a module attribute (``"1.weight"`` -> ``"1_weight"``)."""
     return name.replace(".", "_")
-
-
-class _Penalty(torch.autograd.Function):
-    """``0.5 * sum(decay * p**2)`` with the gradient ``(decay * p, 0.5 * p**2)`` written out.
-
-    Autograd's own graph of ``decay * p * p`` turns into about three times as many
-    full-size multiplications in each Hessian-vector product of implicit
-    differentiation; this backward is itself differentiable (``create_graph``) with
-    one product per factor. Its derivatives are tested against the plain formula.
-    """
-
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(p, decay)
-        return 0.5 * (decay * p * p).sum()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        p, decay = ctx.saved_tensors
-        gp = grad * decay * p if ctx.needs_input_grad[0] else None
-        gd = None
-        if ctx.needs_input_grad[1]:
-            gd = ((0.5 * grad) * (p * p)).sum_to_size(decay.shape)  # decay may broadcast over p
-        return gp, gd
 
 
 class WeightDecay(DifferentiableOptimizer):
@@ -133,8 +110,22 @@ class WeightDecay(DifferentiableOptimizer):
         return super().hparam(name, key)
 
     def penalty(self, params: Params) -> torch.Tensor:
-        """``0.5 * sum_k sum(decay(k) * params[k]**2)``: the decay as a term of the training loss."""
-        return sum(_Penalty.apply(p, self.decay(k)) for k, p in params.items())
+        """``0.5 * sum_k sum(decay(k) * params[k]**2)``: the decay as a term of the training loss.
+
+        Its derivatives are written out (:mod:`l2o.optim.penalty`): implicit
+        differentiation takes its gradient with a graph and differentiates that again.
+        A per-weight decay enters through a view of its raw tensor (so the backward can
+        tell whether the decay's gradient is asked for) with the cached softplus value
+        and slope; gradients reach the raw tensor as through ``softplus``.
+        """
+        if not self.per_weight:
+            return sum(_penalty(p, self.decay(k)) for k, p in params.items())
+        unknown = [k for k in params if k not in self._keys]
+        if unknown:
+            self.decay(unknown[0])  # raises the error that names the known keys
+        raw = {k: self.raw_weight_decay[self._keys[k]] for k in params}
+        return sum(_penalty(p, raw[k].view_as(raw[k]), self._decay_constant(k), self._decay_constant(k, slope=True),
+                            soft=True) for k, p in params.items())
 
     def hparams(self) -> dict[str, float]:
         """The base optimizer's scalar hyperparameters plus ``weight_decay`` (its mean if per weight)."""
@@ -195,16 +186,21 @@ class WeightDecay(DifferentiableOptimizer):
                 return dict(zip(keys, torch._foreach_add(g, list(params.values()), alpha=wd["weight_decay"])))
         return {k: grads[k] + self.decay(k) * p for k, p in params.items()}
 
-    def _decay_constant(self, key: str) -> torch.Tensor:
-        """``decay(key)`` without a graph, recomputed only when its raw parameter changed.
+    def _decay_constant(self, key: str, slope: bool = False) -> torch.Tensor:
+        """``decay(key)`` (or with ``slope`` its derivative ``sigmoid(raw)``) without a graph, cached.
 
         softplus over every weight costs as much as the rest of a step; without a graph
         the value is a constant until the outer optimizer updates the raw tensor in
-        place (which bumps its version counter) or another tensor is substituted.
+        place (which bumps its version counter) or another tensor is substituted. The
+        slope is computed on first use (the penalty's mixed derivative).
         """
         raw = self.raw_weight_decay[self._keys[key]]
         cache = self.__dict__.setdefault("_decay_cache", {})
         hit = cache.get(key)
         if hit is None or hit[0] is not raw or hit[1] != raw._version:
-            hit = cache[key] = (raw, raw._version, F.softplus(raw.detach()))
-        return hit[2]
+            hit = cache[key] = [raw, raw._version, F.softplus(raw.detach()), None]
+        if not slope:
+            return hit[2]
+        if hit[3] is None:
+            hit[3] = torch.sigmoid(raw.detach())
+        return hit[3]
