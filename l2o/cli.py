@@ -48,6 +48,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonempty(text: str) -> str:
+    """argparse type: a path or name that is not empty (``--out ""``, or ``--out $UNSET``, is a mistake
+    that would otherwise fall back to a default or to the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path or name, got {text!r}")
+    return text
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float (no nan / inf: they would only surface deep inside a run)."""
     try:
