@@ -1,0 +1,58 @@
+"""Public API calls with wrong arguments: one clear TypeError / ValueError naming the argument,
+not a deep error from torch or os (and never a NaN run from a non-finite hyperparameter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import l2o
+from l2o import optim
+
+
+@pytest.mark.parametrize("name", [None, 3, ["quadratic"]])
+def test_task_name_of_the_wrong_type(name):
+    with pytest.raises(TypeError, match="a task name must be a str"):
+        l2o.tasks.get(name)
+
+
+@pytest.mark.parametrize("dim", ["a", 2.5, 0, True])
+def test_quadratic_dim_must_be_a_positive_integer(dim):
+    with pytest.raises(ValueError, match="quadratic dim must be an integer >= 1"):
+        l2o.tasks.get("quadratic", dim=dim)
+
+
+def test_task_device_and_data_dir_are_checked_before_torch_sees_them():
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        l2o.tasks.get("quadratic", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for CUDA, which is not available"):
+            l2o.tasks.get("quadratic", device="cuda")
+    with pytest.raises(TypeError, match="data_dir must be a str or os.PathLike, got int"):
+        l2o.tasks.get("mnist_mlp", data_dir=3)
+    assert l2o.tasks.get("quadratic", device=torch.device("cpu")).dim == 10
+
+
+@pytest.mark.parametrize("spec", [None, 3])
+def test_family_spec_of_the_wrong_type(spec):
+    with pytest.raises(TypeError, match="a family spec must be a str"):
+        l2o.tasks.family(spec)
+
+
+@pytest.mark.parametrize("name, opts, fragment", [
+    ("adam", {"lr": float("nan")}, "lr must be a finite number"),
+    ("adam", {"lr": float("inf")}, "lr must be a finite number"),
+    ("sgd", {"lr": float("nan")}, "lr must be a finite number"),
+    ("momentum_inv_decay", {"decay": float("inf")}, "decay must be a finite number"),
+    ("adam", {"eps": -1.0}, "eps must be a finite number >= 0"),
+    ("rmsprop", {"eps": float("nan")}, "eps must be a finite number >= 0"),
+])
+def test_non_finite_hyperparameters_are_refused(name, opts, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        optim.make(name, **opts)
+    with pytest.raises(ValueError, match=fragment):
+        l2o.LearnedOptimizer([torch.nn.Parameter(torch.zeros(2))], name, **opts)
+
+
+def test_adaptive_scale_beta_must_be_finite():
+    with pytest.raises(ValueError, match="beta must be a finite number"):
+        optim.AdaptiveScale(optim.SGD(lr=0.1), beta=float("nan"))
