@@ -142,7 +142,10 @@ def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> Differentiable
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
     try:
-        opt = from_config(ckpt["optimizer"]["config"])
+        # the module's random initial weights are replaced by the saved ones: drawing them must not
+        # move the caller's global RNG (a script's data order would change with the optimizer it loads)
+        with torch.random.fork_rng(devices=[]):
+            opt = from_config(ckpt["optimizer"]["config"])
         state = ckpt["optimizer"]["state_dict"]
         if which == "best" and ckpt.get("best"):
             state = ckpt["best"]["state_dict"]

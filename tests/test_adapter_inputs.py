@@ -161,3 +161,15 @@ def test_load_optimizer_argument_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="is a folder"):
         l2o.load_optimizer(str(tmp_path))
     assert isinstance(l2o.load_optimizer("lstm_mnist", map_location=torch.device("cpu")), optim.LSTMOptimizer)
+
+
+def test_loading_an_optimizer_leaves_the_global_rng_alone():
+    """Building the saved module drew its throw-away random weights from the global RNG, so a
+    script's minibatches and dropout masks changed with the optimizer it loaded."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for load in (lambda: l2o.load_optimizer("lstm_mnist"),
+                 lambda: l2o.LearnedOptimizer([nn.Parameter(torch.zeros(2))], "lstm_generalist")):
+        torch.manual_seed(0)
+        load()
+        assert torch.equal(torch.rand(3), expected)
