@@ -56,3 +56,19 @@ def test_non_finite_hyperparameters_are_refused(name, opts, fragment):
 def test_adaptive_scale_beta_must_be_finite():
     with pytest.raises(ValueError, match="beta must be a finite number"):
         optim.AdaptiveScale(optim.SGD(lr=0.1), beta=float("nan"))
+
+
+@pytest.mark.parametrize("sub", ["MNIST", "MNIST/raw", "FashionMNIST", "FashionMNIST/raw"])
+def test_data_dir_may_name_the_dataset_folder_itself(tiny_data, sub):
+    """``--data-dir DATA/MNIST`` (or its raw/ folder) is read as DATA, as a cifar-10-batches-py
+    folder is; it was refused as missing (after torchvision made an empty DATA/MNIST/MNIST/raw)."""
+    import os
+
+    name = "fashion_mnist_mlp" if sub.startswith("Fashion") else "mnist_mlp"
+    before = sorted(os.walk(tiny_data))
+    task = l2o.tasks.get(name, data_dir=os.path.join(tiny_data, sub))
+    ref = l2o.tasks.get(name, data_dir=tiny_data)
+    for split in ("train", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(task.full_batch(split), ref.full_batch(split)))
+    assert l2o.tasks.data.on_disk(name.replace("_mlp", ""), os.path.join(tiny_data, sub))
+    assert sorted(os.walk(tiny_data)) == before
