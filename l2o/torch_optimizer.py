@@ -160,6 +160,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """Add a param group (its ``scale`` defaults to the optimizer's), as ``torch.optim`` does."""
         if isinstance(param_group, dict) and "scale" in param_group:
             param_group = {**param_group, "scale": _scale(param_group["scale"])}
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, type(None))):
+            param_group = {**param_group, "params": list(param_group["params"])}  # a generator is read once
+        ps = param_group.get("params") if isinstance(param_group, dict) else None
+        for p in [ps] if isinstance(ps, torch.Tensor) else ps or []:
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                # the optimizers' arithmetic (g * g, sign, log|g|) is for real coordinates; torch.optim
+                # steps complex parameters as pairs of reals, which these optimizers were not trained on
+                raise ValueError(f"LearnedOptimizer steps real parameters, got one of dtype {p.dtype}; keep its "
+                                 f"real and imaginary parts as two real parameters")
         super().add_param_group(param_group)
 
     def _functional_for(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:

@@ -173,3 +173,14 @@ def test_loading_an_optimizer_leaves_the_global_rng_alone():
         torch.manual_seed(0)
         load()
         assert torch.equal(torch.rand(3), expected)
+
+
+def test_complex_parameters_are_refused():
+    """Adam's ``g * g`` on a complex gradient is not ``|g|^2``: the step was silently wrong."""
+    z = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="steps real parameters, got one of dtype torch.complex64"):
+        l2o.LearnedOptimizer([z], "adam")
+    opt = l2o.LearnedOptimizer([nn.Parameter(torch.randn(2))], "adam")
+    with pytest.raises(ValueError, match="steps real parameters"):
+        opt.add_param_group({"params": iter([z])})
+    assert len(opt.param_groups) == 1
