@@ -206,6 +206,7 @@ def evaluate(args: argparse.Namespace) -> int:
         main_rank = os.environ.get("RANK", "0") == "0"
         built = suite.build_tasks(entries, args.data_dir, str(device),
                                   log=lambda m: (notes.append(m), main_rank and print(m)))
+        suite.check_portable(learned, built)
         if built and main_rank:
             remove(stale)
     except (CheckpointError, DataNotFoundError, UsageError, ValueError, OSError) as exc:

@@ -72,3 +72,16 @@ def test_data_dir_may_name_the_dataset_folder_itself(tiny_data, sub):
         assert all(torch.equal(a, b) for a, b in zip(task.full_batch(split), ref.full_batch(split)))
     assert l2o.tasks.data.on_disk(name.replace("_mlp", ""), os.path.join(tiny_data, sub))
     assert sorted(os.walk(tiny_data)) == before
+
+
+def test_per_weight_decays_are_checked_against_each_task_before_work():
+    """meta_eval.py ran the baselines' tuning, then failed with a KeyError on a per-weight checkpoint."""
+    from l2o import suite
+
+    built = suite.build_tasks(suite.select(["quadratic"]))
+    same = optim.WeightDecay(optim.SGD(lr=0.1), 1e-3, shapes={"x": [10]})  # the quadratic's own parameters
+    suite.check_portable({"same": ("same.pt", same), "plain": ("lstm.pt", optim.LSTMOptimizer(hidden=4))}, built)
+    other = optim.WeightDecay(optim.SGD(lr=0.1), 1e-3, shapes={"x": [12]})
+    with pytest.raises(ValueError, match=r"'other.pt' learned one weight decay per weight .* x \[12\]; "
+                                         r"task 'quadratic' has x \[10\]"):
+        suite.check_portable({"other": ("other.pt", other)}, built)

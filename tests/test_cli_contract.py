@@ -111,6 +111,8 @@ CASES = [
     (E, [*BASE, "--cache-dir", "{sb}/a_file"], "is a file, not a folder"),
     (E, ["--baselines-only", "--tasks", "mnist_mlp", "--data-dir", "{sb}/short_data"], "truncated"),
     (E, [*BASE, "--out", ""], "argument --out: expected a path or name"),
+    (E, ["--checkpoint", "{sb}/per_weight.pt", "--tasks", "quadratic"],
+     "learned one weight decay per weight of a task with parameters w [10]; task 'quadratic' has x [10]"),
     (E, [*BASE, "--cache-dir", ""], "argument --cache-dir: expected a path or name"),
     (E, [*BASE, "--data-dir", ""], "argument --data-dir: expected a path or name"),
     (E, ["--checkpoint", ""], "argument --checkpoint: expected a path or name"),
@@ -152,6 +154,9 @@ def sandbox(tmp_path_factory) -> str:
     checkpoint.save(str(sb / "run" / "checkpoint.pt"),
                     {"optimizer": checkpoint.optimizer_payload(opt), "best": None, "config": {}, "meta_step": 0})
     (sb / "garbage.pt").write_bytes(b"not a checkpoint")
+    per_weight = optim.WeightDecay(optim.SGD(lr=0.1), 1e-3, shapes={"w": [10]})  # another task's parameter names
+    checkpoint.save(str(sb / "per_weight.pt"),
+                    {"optimizer": checkpoint.optimizer_payload(per_weight), "best": None, "config": {}, "meta_step": 0})
     (sb / "a_file").write_text("a plain file\n")
     (sb / "a_folder").mkdir()
     (sb / "eval").mkdir()
