@@ -164,6 +164,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             param_group = {**param_group, "params": list(param_group["params"])}  # a generator is read once
         ps = param_group.get("params") if isinstance(param_group, dict) else None
         for p in [ps] if isinstance(ps, torch.Tensor) else ps or []:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, parameter), as named_parameters() gives
             if isinstance(p, torch.Tensor) and p.is_complex():
                 # the optimizers' arithmetic (g * g, sign, log|g|) is for real coordinates; torch.optim
                 # steps complex parameters as pairs of reals, which these optimizers were not trained on

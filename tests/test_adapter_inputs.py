@@ -180,6 +180,8 @@ def test_complex_parameters_are_refused():
     z = nn.Parameter(torch.randn(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="steps real parameters, got one of dtype torch.complex64"):
         l2o.LearnedOptimizer([z], "adam")
+    with pytest.raises(ValueError, match="steps real parameters"):
+        l2o.LearnedOptimizer([("z", z)], "adam")  # named parameters, as torch.optim takes them
     opt = l2o.LearnedOptimizer([nn.Parameter(torch.randn(2))], "adam")
     with pytest.raises(ValueError, match="steps real parameters"):
         opt.add_param_group({"params": iter([z])})
