@@ -117,6 +117,9 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
+        if "Weights only load failed" in str(exc):  # a torch file, but of pickled objects (e.g. a whole model)
+            raise CheckpointError(f"{path!r} is not an l2o checkpoint (a torch file of pickled Python objects, "
+                                  f"such as a whole model); use a file written by meta_train.py") from None
         raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(exc).__name__}); "
                               f"it is corrupt or not a torch file, re-create it with meta_train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -186,3 +186,10 @@ def test_complex_parameters_are_refused():
     with pytest.raises(ValueError, match="steps real parameters"):
         opt.add_param_group({"params": iter([z])})
     assert len(opt.param_groups) == 1
+
+
+def test_a_pickled_model_is_named_foreign_not_corrupt(tmp_path):
+    path = str(tmp_path / "model.pt")
+    torch.save(nn.Linear(2, 2), path)  # a whole module: torch.load(weights_only=True) refuses it
+    with pytest.raises(checkpoint.CheckpointError, match="is not an l2o checkpoint .*pickled Python objects"):
+        l2o.load_optimizer(path)
