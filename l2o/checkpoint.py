@@ -22,6 +22,7 @@ import glob
 import os
 import tempfile
 import time
+import zipfile
 from typing import Any
 
 import torch
@@ -117,7 +118,7 @@ def load(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
-        if "Weights only load failed" in str(exc):  # a torch file, but of pickled objects (e.g. a whole model)
+        if "Weights only load failed" in str(exc) and zipfile.is_zipfile(path):  # a torch file of objects
             raise CheckpointError(f"{path!r} is not an l2o checkpoint (a torch file of pickled Python objects, "
                                   f"such as a whole model); use a file written by meta_train.py") from None
         raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(exc).__name__}); "
