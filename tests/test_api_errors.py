@@ -85,3 +85,26 @@ def test_per_weight_decays_are_checked_against_each_task_before_work():
     with pytest.raises(ValueError, match=r"'other.pt' learned one weight decay per weight .* x \[12\]; "
                                          r"task 'quadratic' has x \[10\]"):
         suite.check_portable({"other": ("other.pt", other)}, built)
+
+
+def test_hypergradient_problem_of_the_wrong_types():
+    """A torch.optim optimizer or a list of parameters failed with an AttributeError deep in the unroll."""
+    def inner(params, hparams, step):
+        return ((params["w"] - 1) ** 2).sum() * hparams["wd"]
+
+    def outer(params, hparams):
+        return (params["w"] ** 2).sum()
+
+    h = {"wd": torch.tensor(1.0, requires_grad=True)}
+    sgd = optim.SGD(lr=0.1)
+    w = torch.zeros(3)
+    for fn in (l2o.hypergrad.reverse, l2o.hypergrad.forward):
+        with pytest.raises(TypeError, match="params must be a non-empty dict of tensors, got list"):
+            fn(inner, outer, [w], h, sgd, steps=3)
+        with pytest.raises(TypeError, match="opt must be an l2o optimizer .* got SGD"):
+            fn(inner, outer, {"w": w}, h, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1), steps=3)
+        with pytest.raises(TypeError, match="opt must be an l2o optimizer .* got NoneType"):
+            fn(inner, outer, {"w": w}, h, None, steps=3)
+        assert set(fn(inner, outer, {"w": w}, h, sgd, steps=3)) == {"wd"}
+    with pytest.raises(TypeError, match="params must be a non-empty dict of tensors, got dict"):
+        l2o.hypergrad.unroll(inner, {}, h, sgd, 3, graph=False)
