@@ -108,3 +108,11 @@ def test_hypergradient_problem_of_the_wrong_types():
         assert set(fn(inner, outer, {"w": w}, h, sgd, steps=3)) == {"wd"}
     with pytest.raises(TypeError, match="params must be a non-empty dict of tensors, got dict"):
         l2o.hypergrad.unroll(inner, {}, h, sgd, 3, graph=False)
+
+
+def test_from_module_builder_must_return_a_module_with_parameters():
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match="the model builder returned a int, not an nn.Module"):
+        l2o.tasks.from_module(lambda: 3, (x, y))  # was an AttributeError on 'named_parameters'
+    with pytest.raises(ValueError, match=r"the model \(ReLU\) has no parameters to optimize"):
+        l2o.tasks.from_module(lambda: torch.nn.ReLU(), (x, y))
