@@ -116,3 +116,11 @@ def test_from_module_builder_must_return_a_module_with_parameters():
         l2o.tasks.from_module(lambda: 3, (x, y))  # was an AttributeError on 'named_parameters'
     with pytest.raises(ValueError, match=r"the model \(ReLU\) has no parameters to optimize"):
         l2o.tasks.from_module(lambda: torch.nn.ReLU(), (x, y))
+
+
+def test_a_task_factory_missing_a_required_argument_is_named(tmp_path, monkeypatch):
+    """meta_eval.py printed a TypeError traceback for a user task whose function needs an argument."""
+    (tmp_path / "needs_arg.py").write_text("def make(width):\n    raise AssertionError('not called')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="task 'needs_arg.py:make' needs a value for 'width'"):
+        l2o.tasks.get("needs_arg.py:make")

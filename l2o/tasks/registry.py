@@ -181,6 +181,12 @@ def get(name: str, **opts) -> Task:
     bad = [k for k in opts if k not in known and not any_option]
     if bad:
         raise ValueError(f"task {name!r} has no option {bad[0]!r}; options: {', '.join(known) or 'none'}")
+    required = [p.name for p in _signature(name)[1 if inspect.isclass(_SIGNATURES[name]) else 0:]
+                if p.default is inspect.Parameter.empty and p.name not in opts
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if required:  # checked here: a TypeError raised inside the factory is the user's own, with its traceback
+        raise ValueError(f"task {name!r} needs a value for {required[0]!r} (no default); give it as an option "
+                         f"or a default in the function")
     task = factory(**opts)
     if not isinstance(task, Task):
         raise ValueError(f"task {name!r} built a {type(task).__name__}, not an l2o Task; "
