@@ -28,7 +28,7 @@ import os
 import sys
 
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
-from l2o.cli import Parser, add_threads, run, csv_list, finite_float, nonempty, positive_int, set_threads
+from l2o.cli import Parser, add_threads, run, csv_list, finite_float, nonempty, path, positive_int, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.schedule import total as schedule_total
 from l2o.optim import NAMES as OPTIMIZERS
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=csv_list(int), help="hidden sizes of the MLP, e.g. 20 or 40,40 (cifar10_conv: FC width)")
     g.add_argument("--activation", help="MLP activation: sigmoid (default), relu or tanh")
     g.add_argument("--batch-size", type=positive_int, help="optimizee minibatch size (default 128)")
-    g.add_argument("--data-dir", type=nonempty, help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
+    g.add_argument("--data-dir", type=path, help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
     g = ap.add_argument_group("optimizer to learn")
     g.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default %(default)s)")
     g.add_argument("--learn", type=csv_list(str), help="hyperparameters to learn, e.g. lr,momentum or weight_decay (hand-designed optimizers)")
@@ -109,10 +109,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=d.seed, help="run seed (default %(default)s)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")
     g.add_argument("--name", type=nonempty, help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
-    g.add_argument("--log-dir", type=nonempty, default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "
+    g.add_argument("--log-dir", type=path, default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "
                    "TensorBoard logs and, by default, the checkpoint (default %(default)s)")
-    g.add_argument("--checkpoint", type=nonempty, help="checkpoint path (default LOG_DIR/<name>/checkpoint.pt)")
-    g.add_argument("--init-from", type=nonempty, help="start from the best weights of another checkpoint (e.g. a "
+    g.add_argument("--checkpoint", type=path, help="checkpoint path (default LOG_DIR/<name>/checkpoint.pt)")
+    g.add_argument("--init-from", type=path, help="start from the best weights of another checkpoint (e.g. a "
                    "shorter-truncation stage), a file or a shipped name such as lstm_mnist")
     g.add_argument("--resume", action="store_true", help="continue the run stored in the checkpoint")
     g.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after N meta-steps of this invocation")

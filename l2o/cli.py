@@ -56,6 +56,12 @@ def nonempty(text: str) -> str:
     return text
 
 
+def path(text: str) -> str:
+    """argparse type: a non-empty path, ``~`` expanded (the shell leaves ``--out=~/x`` as it is, which
+    would make a folder named ``~`` here)."""
+    return os.path.expanduser(nonempty(text))
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float (no nan / inf: they would only surface deep inside a run)."""
     try:

@@ -205,3 +205,23 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(prog, argv, fragment, 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40 and {c[0] for c in CASES} >= {T, E, "hyper_cleaning", "implicit_weight_decay",
                                                             "short_horizon"}
+
+
+def test_a_tilde_path_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
+    """``--out=~/x`` reaches the program unexpanded (the shell expands ``~`` only at a word's start)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    main, _ = load_main(T, monkeypatch)
+    tiny = ["--task", "quadratic", "--lstm-hidden", "3", "--meta-steps", "1", "--horizon", "2", "--truncation", "2",
+            "--val-seeds", "1", "--no-progress"]
+    assert main([*tiny, "--log-dir=~/runs", "--checkpoint=~/ck.pt"]) == 0, capsys.readouterr().err
+    assert (home / "ck.pt").is_file() and (home / "runs").is_dir() and not (work / "~").exists()
+    main, _ = load_main(E, monkeypatch)
+    assert main(["--baselines-only", "--tasks", "quadratic", "--seeds", "1", "--steps", "3", "--tuning-seeds", "1",
+                 "--grid", "0.1,1,2", "--no-progress", "--out=~/eval", "--cache-dir=~/cache"]) == 0
+    assert (home / "eval" / "results.json").is_file() and not (work / "~").exists()
