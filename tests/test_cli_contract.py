@@ -225,3 +225,18 @@ def test_a_tilde_path_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monk
     assert main(["--baselines-only", "--tasks", "quadratic", "--seeds", "1", "--steps", "3", "--tuning-seeds", "1",
                  "--grid", "0.1,1,2", "--no-progress", "--out=~/eval", "--cache-dir=~/cache"]) == 0
     assert (home / "eval" / "results.json").is_file() and not (work / "~").exists()
+
+
+def test_a_diverging_run_ends_with_its_message_not_a_tensorboard_traceback(tmp_path, monkeypatch, capsys):
+    """Validation of a diverged optimizer gave TensorBoard a histogram of inf update sizes: it raised
+    ValueError('The histogram is empty') in the middle of the run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    torch.set_default_dtype(torch.float32)  # the command line's dtype (the float64 fixture restores its own)
+    main, _ = load_main(T, monkeypatch)
+    code = main(["--task", "quadratic", "--optimizer", "sgd", "--learn", "lr", "--lr", "1e300", "--meta-steps", "1",
+                 "--horizon", "2", "--truncation", "2", "--val-seeds", "1", "--no-progress",
+                 "--checkpoint", str(tmp_path / "ck.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "all 1 meta-steps were skipped" in err and "Traceback" not in err
