@@ -28,7 +28,7 @@ import os
 import sys
 
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
-from l2o.cli import Parser, add_threads, run, csv_list, finite_float, nonempty, path, positive_int, set_threads
+from l2o.cli import Parser, add_threads, run, csv_list, finite_float, nonempty, path, positive_int, seed, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.schedule import total as schedule_total
 from l2o.optim import NAMES as OPTIMIZERS
@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N meta-steps (default %(default)s)")
     g.add_argument("--val-seeds", type=positive_int, default=d.val_seeds, help="held-out optimizee seeds for validation (default %(default)s)")
     g.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N meta-steps (default %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="run seed (default %(default)s)")
+    g.add_argument("--seed", type=seed, default=d.seed, help="run seed (default %(default)s)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")
     g.add_argument("--name", type=nonempty, help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
     g.add_argument("--log-dir", type=path, default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "

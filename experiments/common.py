@@ -62,7 +62,7 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     p.add_argument("--out", type=l2o_cli.path, default=os.path.join("runs", "experiments", name),
                    help="output folder for tb/, the PNG and results.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny sizes")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=l2o_cli.seed, default=0, help="random seed (default: %(default)s)")
     l2o_cli.add_threads(p)
     return p
 

@@ -62,6 +62,17 @@ def path(text: str) -> str:
     return os.path.expanduser(nonempty(text))
 
 
+def seed(text: str) -> int:
+    """argparse type: an integer seed with ``|seed| < 2**40`` (seeds derived from it stay within torch's 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(value) >= 2 ** 40:
+        raise argparse.ArgumentTypeError(f"expected an integer with |seed| < 2**40, got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float (no nan / inf: they would only surface deep inside a run)."""
     try:

@@ -124,3 +124,11 @@ def test_a_task_factory_missing_a_required_argument_is_named(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="task 'needs_arg.py:make' needs a value for 'width'"):
         l2o.tasks.get("needs_arg.py:make")
+
+
+def test_train_config_seed_range():
+    from l2o.config import TrainConfig, UsageError
+
+    with pytest.raises(UsageError, match=r"--seed must be an integer with \|seed\| < 2\*\*40"):
+        TrainConfig(task="quadratic", seed=10 ** 13).validate()
+    TrainConfig(task="quadratic", seed=-5).validate()

@@ -84,6 +84,9 @@ CASES = [
     (T, [*QUAD, "--checkpoint", ""], "argument --checkpoint: expected a path or name"),
     (T, [*QUAD, "--init-from", "", "--checkpoint", "{sb}/new.pt"], "argument --init-from: expected a path or name"),
     (T, [*QUAD, "--data-dir", "", "--checkpoint", "{sb}/new.pt"], "argument --data-dir: expected a path or name"),
+    # a seed whose derived optimizee seeds overflow torch's 64 bits (a traceback at the first unroll)
+    (T, [*QUAD, "--seed", "10000000000000", "--checkpoint", "{sb}/new.pt"], "argument --seed: expected an integer with"),
+    ("short_horizon", ["--seed", "-99999999999999999999"], "argument --seed: expected an integer with"),
     # meta_train.py: --task is not silently dropped for --family; --init-from takes a shipped name
     (T, [*QUAD, "--family", "quadratic", "--checkpoint", "{sb}/new.pt"], "--task quadratic and --family quadratic both given"),
     (T, [*QUAD, "--init-from", "lstm_mnist", "--lstm-hidden", "8", "--checkpoint", "{sb}/new.pt"],
