@@ -132,3 +132,15 @@ def test_train_config_seed_range():
     with pytest.raises(UsageError, match=r"--seed must be an integer with \|seed\| < 2\*\*40"):
         TrainConfig(task="quadratic", seed=10 ** 13).validate()
     TrainConfig(task="quadratic", seed=-5).validate()
+
+
+@pytest.mark.parametrize("name, opts, fragment", [
+    ("quadratic", {"init_std": float("nan")}, "init_std must be a finite number >= 0"),  # was a task of nan losses
+    ("quadratic", {"init_std": -1.0}, "init_std must be a finite number >= 0"),
+    ("mnist_mlp", {"hidden": [2.5]}, "hidden sizes must be positive integers, got 2.5"),  # was 2 units
+    ("mnist_mlp", {"batch_size": 2.5}, "hidden sizes must be positive integers, got 2.5"),
+])
+def test_task_numbers_are_checked_not_truncated(tiny_data, name, opts, fragment):
+    extra = {"data_dir": tiny_data} if name != "quadratic" else {}
+    with pytest.raises(ValueError, match=fragment):
+        l2o.tasks.get(name, **extra, **opts)
