@@ -76,7 +76,10 @@ class TaskConfig:
                 if self.task == "quadratic" or (self.task == "cifar10_conv" and key == "activation"):
                     raise UsageError(f"--{key.replace('_', '-')} does not apply to task {self.task!r}")
                 value = getattr(self, key)
-                opts[key] = value[0] if (key == "hidden" and self.task == "cifar10_conv") else value
+                if key == "hidden" and self.task == "cifar10_conv":
+                    need(len(value) == 1, f"--hidden for cifar10_conv is its one FC width, got {value}")
+                    value = value[0]
+                opts[key] = value
         return opts
 
     def validate_task(self) -> None:

@@ -139,6 +139,8 @@ def test_train_config_seed_range():
     ("quadratic", {"init_std": -1.0}, "init_std must be a finite number >= 0"),
     ("mnist_mlp", {"hidden": [2.5]}, "hidden sizes must be positive integers, got 2.5"),  # was 2 units
     ("mnist_mlp", {"batch_size": 2.5}, "hidden sizes must be positive integers, got 2.5"),
+    ("cifar10_conv", {"hidden": [32]}, "must be positive integers, got \\[32\\]"),  # was a TypeError on '<'
+    ("cifar10_conv", {"hidden": 2.5}, "must be positive integers, got 2.5"),  # was 2 units
 ])
 def test_task_numbers_are_checked_not_truncated(tiny_data, name, opts, fragment):
     extra = {"data_dir": tiny_data} if name != "quadratic" else {}

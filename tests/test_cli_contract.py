@@ -87,6 +87,9 @@ CASES = [
     # a seed whose derived optimizee seeds overflow torch's 64 bits (a traceback at the first unroll)
     (T, [*QUAD, "--seed", "10000000000000", "--checkpoint", "{sb}/new.pt"], "argument --seed: expected an integer with"),
     ("short_horizon", ["--seed", "-99999999999999999999"], "argument --seed: expected an integer with"),
+    # cifar10_conv has one FC width: a second --hidden value was silently dropped
+    (T, ["--task", "cifar10_conv", "--hidden", "32,64", "--checkpoint", "{sb}/new.pt"],
+     "--hidden for cifar10_conv is its one FC width, got [32, 64]"),
     # meta_train.py: --task is not silently dropped for --family; --init-from takes a shipped name
     (T, [*QUAD, "--family", "quadratic", "--checkpoint", "{sb}/new.pt"], "--task quadratic and --family quadratic both given"),
     (T, [*QUAD, "--init-from", "lstm_mnist", "--lstm-hidden", "8", "--checkpoint", "{sb}/new.pt"],
