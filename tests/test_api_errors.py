@@ -146,3 +146,15 @@ def test_task_numbers_are_checked_not_truncated(tiny_data, name, opts, fragment)
     extra = {"data_dir": tiny_data} if name != "quadratic" else {}
     with pytest.raises(ValueError, match=fragment):
         l2o.tasks.get(name, **extra, **opts)
+
+
+def test_a_partial_mnist_copy_names_the_missing_file(tmp_path):
+    import os
+
+    from conftest import write_idx
+
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(str(raw), n_train=8, n_test=4)
+    os.remove(raw / "t10k-labels-idx1-ubyte")
+    with pytest.raises(l2o.tasks.DataNotFoundError, match="is incomplete: t10k-labels-idx1-ubyte missing from"):
+        l2o.tasks.get("mnist_mlp", data_dir=str(tmp_path))

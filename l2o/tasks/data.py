@@ -100,6 +100,13 @@ def _torchvision_idx(kind: str, root: str, train: bool):
         return cls(root=root, train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - any network/IO failure means "not available"
         folder = os.path.join(root, cls.__name__, "raw")
+        names = [f for files in IDX_FILES.values() for f in files]
+        missing = [f for f in names if not os.path.isfile(os.path.join(folder, f))]
+        if 0 < len(missing) < len(names):  # a partial copy: say which file, not "not found"
+            raise DataNotFoundError(
+                f"{cls.__name__} under {root!r} is incomplete: {', '.join(missing)} missing from {folder} (and it "
+                f"could not be downloaded); copy the missing file there or pass --data-dir / set L2O_DATA_DIR"
+            ) from None
         raise DataNotFoundError(
             f"{cls.__name__} not found under {root!r} and could not be downloaded ({type(exc).__name__}); "
             f"put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
