@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from l2o.cli import Parser, add_threads, run, fail as _fail, positive_int as positive, set_threads
+from l2o.cli import Parser, add_threads, run, fail as _fail, path, positive_int as positive, set_threads
 
 PROG = "meta_eval.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                            "SGD, Nesterov momentum, RMSprop and Adam, each with its learning rate tuned per task.",
                epilog=f"default suite (--tasks):\n{suite}\n\nThe CIFAR-10 task is skipped with a note when its data "
                       f"is missing.\nTuned learning rates are cached (--cache-dir), so a second evaluation is fast.")
-    p.add_argument("--checkpoint", action="append", metavar="PATH",
+    p.add_argument("--checkpoint", action="append", type=path, metavar="PATH",
                    help=f"saved optimizer to evaluate (repeatable): a file written by meta_train.py or a shipped "
                         f"name (lstm_mnist, lstm_cifar10); default {DEFAULT_RUN} (what meta_train.py writes by "
                         f"default) if it exists, else the shipped checkpoints/lstm_mnist.pt; and next to it the shipped "
@@ -88,17 +88,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         + "; widened automatically when the best rate is at an edge)")
     p.add_argument("--test-points", type=positive, default=4, metavar="K",
                    help="measure test loss/accuracy at K evenly spaced steps, the last one the final step (default 4)")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
+    p.add_argument("--out", type=path, default=DEFAULT_OUT, metavar="DIR", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results in an --out that already holds some (results, plots and TensorBoard "
                         "runs; other files are left alone)")
-    p.add_argument("--cache-dir", metavar="DIR",
+    p.add_argument("--cache-dir", type=path, metavar="DIR",
                    help="tuning cache folder (default $L2O_CACHE_DIR or ~/.cache/l2o); the rates of the default "
                         "suite on the real datasets ship with l2o, so they are not tuned again")
     p.add_argument("--retune", action="store_true", help="tune every learning rate afresh (ignore cached and shipped "
                                                          "rates) and cache the new ones")
     p.add_argument("--no-cache", action="store_true", help="re-tune learning rates and keep no cache")
-    p.add_argument("--data-dir", metavar="DATA", help="data root (default $L2O_DATA_DIR or ./data)")
+    p.add_argument("--data-dir", type=path, metavar="DATA", help="data root (default $L2O_DATA_DIR or ./data)")
     p.add_argument("--device", default="cpu", help="torch device for tasks and optimizers (default cpu)")
     add_threads(p, default=None)
     p.add_argument("--workers", type=positive, default=1, metavar="N",
@@ -206,6 +206,7 @@ def evaluate(args: argparse.Namespace) -> int:
         main_rank = os.environ.get("RANK", "0") == "0"
         built = suite.build_tasks(entries, args.data_dir, str(device),
                                   log=lambda m: (notes.append(m), main_rank and print(m)))
+        suite.check_portable(learned, built)
         if built and main_rank:
             remove(stale)
     except (CheckpointError, DataNotFoundError, UsageError, ValueError, OSError) as exc:

@@ -28,7 +28,7 @@ import os
 import sys
 
 from l2o.checkpoint import CheckpointError, load as load_checkpoint
-from l2o.cli import Parser, add_threads, run, csv_list, finite_float, positive_int, set_threads
+from l2o.cli import Parser, add_threads, run, csv_list, finite_float, nonempty, path, positive_int, seed, set_threads
 from l2o.config import METHODS, OBJECTIVES, PRESETS, TrainConfig, UsageError
 from l2o.schedule import total as schedule_total
 from l2o.optim import NAMES as OPTIMIZERS
@@ -44,14 +44,14 @@ def parser() -> argparse.ArgumentParser:
                     help="quick (default: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS["quick"].items())
                          + ") or paper (the full recipe: --meta-steps 200); explicit flags override it")
     g = ap.add_argument_group("optimizee")
-    g.add_argument("--task", default=d.task, help=f"optimizee: {', '.join(TASKS)}, or a user task as an import path "
-                   f"package.module:function or file.py:function (default %(default)s)")
-    g.add_argument("--family", help=f"meta-train on a task family instead: {', '.join(FAMILIES)}, or a spec such as "
+    g.add_argument("--task", type=nonempty, help=f"optimizee: {', '.join(TASKS)}, or a user task as an import path "
+                   f"package.module:function or file.py:function (default {d.task})")
+    g.add_argument("--family", type=nonempty, help=f"meta-train on a task family instead: {', '.join(FAMILIES)}, or a spec such as "
                    "'mlp:width=10-64,activation=relu|tanh+quadratic:dim=5-10+mnist_mlp' (see README)")
     g.add_argument("--hidden", type=csv_list(int), help="hidden sizes of the MLP, e.g. 20 or 40,40 (cifar10_conv: FC width)")
     g.add_argument("--activation", help="MLP activation: sigmoid (default), relu or tanh")
     g.add_argument("--batch-size", type=positive_int, help="optimizee minibatch size (default 128)")
-    g.add_argument("--data-dir", help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
+    g.add_argument("--data-dir", type=path, help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
     g = ap.add_argument_group("optimizer to learn")
     g.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default %(default)s)")
     g.add_argument("--learn", type=csv_list(str), help="hyperparameters to learn, e.g. lr,momentum or weight_decay (hand-designed optimizers)")
@@ -106,13 +106,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N meta-steps (default %(default)s)")
     g.add_argument("--val-seeds", type=positive_int, default=d.val_seeds, help="held-out optimizee seeds for validation (default %(default)s)")
     g.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N meta-steps (default %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="run seed (default %(default)s)")
+    g.add_argument("--seed", type=seed, default=d.seed, help="run seed (default %(default)s)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")
-    g.add_argument("--name", help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
-    g.add_argument("--log-dir", default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "
+    g.add_argument("--name", type=nonempty, help="run name (default <optimizer>_<dataset>, e.g. lstm_mnist)")
+    g.add_argument("--log-dir", type=path, default=d.log_dir, help="root of the run folders: LOG_DIR/<name>/ holds the "
                    "TensorBoard logs and, by default, the checkpoint (default %(default)s)")
-    g.add_argument("--checkpoint", help="checkpoint path (default LOG_DIR/<name>/checkpoint.pt)")
-    g.add_argument("--init-from", help="start from the best weights of another checkpoint (e.g. a shorter-truncation stage)")
+    g.add_argument("--checkpoint", type=path, help="checkpoint path (default LOG_DIR/<name>/checkpoint.pt)")
+    g.add_argument("--init-from", type=path, help="start from the best weights of another checkpoint (e.g. a "
+                   "shorter-truncation stage), a file or a shipped name such as lstm_mnist")
     g.add_argument("--resume", action="store_true", help="continue the run stored in the checkpoint")
     g.add_argument("--stop-after", type=positive_int, help="stop (with a checkpoint) after N meta-steps of this invocation")
     g.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, "
@@ -128,6 +129,11 @@ def parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {k: v for k, v in vars(args).items()
               if k not in ("resume", "stop_after", "no_progress", "preset", "threads")}
+    if args.family is not None and args.task is not None:
+        raise UsageError(f"--task {args.task} and --family {args.family} both given; a family samples its own tasks "
+                         f"(a task name can be one of its components: --family {args.task}+...)")
+    if fields.get("task") is None:
+        fields.pop("task")  # TrainConfig's default
     if args.schedule is not None and args.truncation is not None:
         raise UsageError("--truncation and --schedule both given; the schedule sets each phase's truncation")
     if args.schedule is not None and args.meta_steps is None:

@@ -57,12 +57,12 @@ def int_list(text: str) -> list[int]:
 def parser(name: str, doc: str) -> argparse.ArgumentParser:
     """The flags every experiment shares: ``--data-dir``, ``--out``, ``--quick``, ``--seed``, ``--threads``."""
     p = Parser(prog=f"{name}.py", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default=None,
+    p.add_argument("--data-dir", type=l2o_cli.path, default=None,
                    help="data root holding MNIST/raw (default: $L2O_DATA_DIR, else ./data)")
-    p.add_argument("--out", default=os.path.join("runs", "experiments", name),
+    p.add_argument("--out", type=l2o_cli.path, default=os.path.join("runs", "experiments", name),
                    help="output folder for tb/, the PNG and results.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run with tiny sizes")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=l2o_cli.seed, default=0, help="random seed (default: %(default)s)")
     l2o_cli.add_threads(p)
     return p
 

@@ -34,7 +34,7 @@ class Episodes:
         have = min(len(p) for p in self.pools)
         if have < per_class:
             raise common.UsageError(f"{self.name} episodes need {per_class} images per class (shots + queries) "
-                                    f"but a class has only {have}; lower --shots or --queries")
+                                    f"but a class has only {have}; lower --shots, --train-shots or --queries")
 
     def sample_index(self, n: int, ways: int, shots: int, queries: int, gen: torch.Generator):
         """``n`` stacked episodes as rows of ``images``: support [n, ways*shots], query [n, ways*queries]."""

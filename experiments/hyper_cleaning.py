@@ -129,8 +129,9 @@ class Cleaning:
             writer.add_scalar(f"{tag}/hypergrad_norm", float(g["logits"].norm()), i)
         weights = torch.sigmoid(logits.detach())
         final = self.train(weights, {k: v.detach() for k, v in params.items()}, float(opt.hparam("lr").detach()))
-        writer.add_histogram(f"{tag}/weights_clean", weights[~self.corrupted], meta_steps)
-        writer.add_histogram(f"{tag}/weights_corrupted", weights[self.corrupted], meta_steps)
+        for name, mask in (("clean", ~self.corrupted), ("corrupted", self.corrupted)):
+            if mask.any():  # --corrupt 0 (or a tiny --n-train) leaves a group empty: no histogram of nothing
+                writer.add_histogram(f"{tag}/weights_{name}", weights[mask], meta_steps)
         return {**final, **detection(weights, self.corrupted), "lr": float(opt.hparam("lr").detach()),
                 "history": history, "weights": weights}
 

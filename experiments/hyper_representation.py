@@ -159,8 +159,9 @@ class HyperRepresentation:
             Episodes(test, "test")
         for eps in (self.train, self.val, self.test):
             eps.check(max(args.shots) + args.queries)
-        if isinstance(args.train_shots, int):
-            self.train.check(args.train_shots + args.queries)
+        if isinstance(args.train_shots, int):  # validation picks baseline (a) at the meta-training K too
+            for eps in (self.train, self.val):
+                eps.check(args.train_shots + args.queries)
         # baseline (a)'s classification data: the meta-training classes, labelled 0 .. classes-1
         self.cls_x = self.train.images
         self.cls_y = torch.cat([torch.full((len(p),), i) for i, p in enumerate(self.train.pools)])

@@ -29,15 +29,13 @@ def load_optimizer(path: str, map_location: str = "cpu", which: str = "best"):
             none) or ``"current"`` (the latest weights).
 
     Raises:
-        ValueError: ``which`` is neither; :class:`l2o.checkpoint.CheckpointError` (a
-            ValueError) for a missing, unreadable or foreign file.
+        ValueError: ``which`` is neither, or ``map_location`` is not a usable device;
+            :class:`l2o.checkpoint.CheckpointError` (a ValueError) for a missing,
+            unreadable or foreign file. TypeError: ``path`` is not a str or os.PathLike.
     """
     from .checkpoint import load_optimizer as _load
 
-    shipped = os.path.join(SHIPPED, f"{path}.pt")
-    if not os.path.exists(path) and os.sep not in path and os.path.isfile(shipped):
-        path = shipped
-    return _load(path, map_location, which)
+    return _load(path, map_location, which)  # a shipped name is resolved there
 
 
 __all__ = ["LearnedOptimizer", "hypergrad", "load_optimizer", "optim", "tasks", "__version__"]

@@ -22,6 +22,7 @@ import glob
 import os
 import tempfile
 import time
+import zipfile
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from .optim import DifferentiableOptimizer, from_config
 
 FORMAT, VERSION = "l2o-checkpoint", 1
 WHICH = ("best", "current")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints")
 
 
 class CheckpointError(ValueError):
@@ -69,13 +71,56 @@ def _remove_stale(folder: str, prefix: str) -> None:
             pass
 
 
+def shipped_path(name: str | os.PathLike) -> str:
+    """``name`` itself, or ``checkpoints/<name>.pt`` of this repository for a shipped name (``lstm_mnist``)
+    when no file ``name`` exists here."""
+    text = _path_text(name)
+    shipped = os.path.join(SHIPPED, f"{text}.pt")
+    return shipped if text and not os.path.exists(text) and os.sep not in text and os.path.isfile(shipped) else text
+
+
+def shipped_names() -> list[str]:
+    """The names of the shipped checkpoints (``checkpoints/*.pt``)."""
+    return sorted(os.path.basename(f)[:-3] for f in glob.glob(os.path.join(SHIPPED, "*.pt")))
+
+
+def _path_text(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
+def _device(map_location: Any) -> Any:
+    """Check ``map_location`` before the file is read, so a bad device is not reported as a corrupt file."""
+    if callable(map_location) or isinstance(map_location, dict):
+        return map_location  # torch.load's other forms, passed through
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"map_location must be a device such as 'cpu' or 'cuda:0', got {map_location!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"map_location {map_location!r} asks for CUDA, which is not available here; use 'cpu'")
+    return map_location
+
+
 def load(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read and validate a checkpoint; raises :class:`CheckpointError` with a one-line reason."""
+    """Read and validate a checkpoint; raises :class:`CheckpointError` with a one-line reason.
+
+    Raises:
+        TypeError: ``path`` is not a str or os.PathLike; ValueError: a bad ``map_location``.
+    """
+    path = _path_text(path)
+    map_location = _device(map_location)
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; give the path of a .pt file written by meta_train.py")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist; give the path of a .pt file written by meta_train.py")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any reader failure is "unreadable"
+        if "Weights only load failed" in str(exc) and zipfile.is_zipfile(path):  # a torch file of objects
+            raise CheckpointError(f"{path!r} is not an l2o checkpoint (a torch file of pickled Python objects, "
+                                  f"such as a whole model); use a file written by meta_train.py") from None
         raise CheckpointError(f"checkpoint {path!r} is unreadable ({type(exc).__name__}); "
                               f"it is corrupt or not a torch file, re-create it with meta_train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -101,7 +146,10 @@ def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> Differentiable
     if which not in WHICH:
         raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
     try:
-        opt = from_config(ckpt["optimizer"]["config"])
+        # the module's random initial weights are replaced by the saved ones: drawing them must not
+        # move the caller's global RNG (a script's data order would change with the optimizer it loads)
+        with torch.random.fork_rng(devices=[]):
+            opt = from_config(ckpt["optimizer"]["config"])
         state = ckpt["optimizer"]["state_dict"]
         if which == "best" and ckpt.get("best"):
             state = ckpt["best"]["state_dict"]
@@ -112,7 +160,10 @@ def build_optimizer(ckpt: dict[str, Any], which: str = "best") -> Differentiable
 
 
 def load_optimizer(path: str, map_location: str | torch.device = "cpu", which: str = "best") -> DifferentiableOptimizer:
-    """Rebuild the saved optimizer from the file alone (``which``: see :func:`build_optimizer`)."""
+    """Rebuild the saved optimizer from the file alone (``which``: see :func:`build_optimizer`).
+
+    ``path`` may also name a shipped checkpoint (``lstm_mnist``: see :func:`shipped_path`).
+    """
     if which not in WHICH:  # before reading the file: a typo must not cost a load
         raise ValueError(f"which must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
-    return build_optimizer(load(path, map_location), which)
+    return build_optimizer(load(shipped_path(path), map_location), which)

@@ -48,6 +48,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonempty(text: str) -> str:
+    """argparse type: a path or name that is not empty (``--out ""``, or ``--out $UNSET``, is a mistake
+    that would otherwise fall back to a default or to the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path or name, got {text!r}")
+    return text
+
+
+def path(text: str) -> str:
+    """argparse type: a non-empty path, ``~`` expanded (the shell leaves ``--out=~/x`` as it is, which
+    would make a folder named ``~`` here)."""
+    return os.path.expanduser(nonempty(text))
+
+
+def seed(text: str) -> int:
+    """argparse type: an integer seed with ``|seed| < 2**40`` (seeds derived from it stay within torch's 64 bits)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if abs(value) >= 2 ** 40:
+        raise argparse.ArgumentTypeError(f"expected an integer with |seed| < 2**40, got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite float (no nan / inf: they would only surface deep inside a run)."""
     try:

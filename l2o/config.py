@@ -34,6 +34,9 @@ class UsageError(ValueError):
     """Bad user input; the CLIs print it as one line and exit with code 2."""
 
 
+SEED_LIMIT = 2 ** 40
+
+
 def need(cond: bool, msg: str) -> None:
     if not cond:
         raise UsageError(msg)
@@ -73,7 +76,10 @@ class TaskConfig:
                 if self.task == "quadratic" or (self.task == "cifar10_conv" and key == "activation"):
                     raise UsageError(f"--{key.replace('_', '-')} does not apply to task {self.task!r}")
                 value = getattr(self, key)
-                opts[key] = value[0] if (key == "hidden" and self.task == "cifar10_conv") else value
+                if key == "hidden" and self.task == "cifar10_conv":
+                    need(len(value) == 1, f"--hidden for cifar10_conv is its one FC width, got {value}")
+                    value = value[0]
+                opts[key] = value
         return opts
 
     def validate_task(self) -> None:
@@ -223,6 +229,9 @@ class LoggingConfig:
 
     def validate_logging(self) -> None:
         positive_ints(self, "val_every", "val_seeds", "save_every")
+        # the optimizees' seeds are seed * 10^6 + ...: a larger seed overflowed torch's 64-bit seeds mid-run
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and abs(self.seed) < SEED_LIMIT,
+             f"--seed must be an integer with |seed| < 2**40, got {self.seed!r}")
         need(self.dist_timeout > 0, f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
 
 

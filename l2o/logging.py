@@ -36,6 +36,7 @@ class RunLogger:
             self.writer.add_scalar(tag, value, step)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        values = values[torch.isfinite(values)]  # a diverged run's inf / nan: TensorBoard's binning fails on them
         if self.writer is not None and values.numel() > 0:
             self.writer.add_histogram(tag, values.float(), step)
 

@@ -136,6 +136,32 @@ def load_learned(paths: Sequence[str], which: str = "best", device: str = "cpu")
     return out
 
 
+def check_portable(learned: Learned, built: Sequence[tuple[Entry, Task]]) -> None:
+    """Refuse, before any work, a saved optimizer whose decays are learned per weight of other parameters.
+
+    A per-weight decay is keyed by the parameter names and shapes of the task it was
+    learned on; on another task its step failed with a KeyError after the baselines' tuning.
+
+    Raises:
+        ValueError: naming the checkpoint, the task and both parameter layouts.
+    """
+    from .optim import WeightDecay
+
+    def shown(shapes: dict) -> str:
+        text = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    for _, (path, opt) in learned.items():
+        wanted = [m._shapes for m in opt.modules() if isinstance(m, WeightDecay) and m.per_weight]
+        for entry, task in built if wanted else ():
+            gen = torch.Generator().manual_seed(0)
+            have = {k: [int(n) for n in v.shape] for k, v in task.sample(gen).init(gen).items()}
+            if any(w != have for w in wanted):
+                raise ValueError(f"{path!r} learned one weight decay per weight of a task with parameters "
+                                 f"{shown(wanted[0])}; task {entry.name!r} has {shown(have)}: evaluate it on "
+                                 f"the task it was learned on (--tasks)")
+
+
 SHIPPED_TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned_lrs.json")
 
 

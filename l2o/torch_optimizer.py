@@ -16,7 +16,10 @@ coordinates as one batch). The functional state is kept per parameter in
   state (the LSTM's hidden and cell states, its momenta features, step counts) and a
   training run resumes bit-identically;
 * parameters may live in several groups, on CPU or CUDA, in any floating dtype (the
-  functional optimizer is copied to each device/dtype it meets).
+  functional optimizer is copied to each device/dtype it meets; float16 / bfloat16
+  parameters are stepped in float32 on a float32 state and rounded into the parameter);
+* ``load_state_dict`` checks every state against this optimizer's own layout for that
+  parameter's shape and refuses (ValueError, nothing changed) one that does not fit.
 
 Param-group option: ``scale`` (default 1.0) multiplies the group's update
 (``p <- p + scale * (step(p) - p)``); 1.0 applies the optimizer's update exactly.
@@ -24,12 +27,13 @@ Param-group option: ``scale`` (default 1.0) multiplies the group's update
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Callable, Iterable
 
 import torch
 
-from . import optim, state_layout
+from . import checkpoint, optim, state_layout
 from .checkpoint import load_optimizer
 from .optim import DifferentiableOptimizer, WeightDecay
 
@@ -37,12 +41,21 @@ from .optim import DifferentiableOptimizer, WeightDecay
 def _resolve(optimizer: Any, which: str, options: dict[str, Any]) -> DifferentiableOptimizer:
     if isinstance(optimizer, (str, os.PathLike)):
         text = os.fspath(optimizer)
-        if not os.path.exists(text) and os.sep not in text and not text.endswith(".pt"):
-            return optim.make(text, **options)  # a name; an unknown one is a ValueError naming the choices
+        if which not in checkpoint.WHICH:
+            raise ValueError(f"which must be one of {', '.join(map(repr, checkpoint.WHICH))}, got {which!r}")
+        if not os.path.exists(text) and os.sep not in text and not text.endswith(".pt") and (
+                text in optim.NAMES or checkpoint.shipped_path(text) == text):
+            try:
+                return optim.make(text, **options)  # a name
+            except ValueError as exc:
+                if text in optim.NAMES:
+                    raise
+                raise ValueError(f"{exc}, or a shipped checkpoint ({', '.join(checkpoint.shipped_names())}), "
+                                 f"or a checkpoint path") from None
         if options:
             raise ValueError(f"options {sorted(options)} apply to an optimizer given by name "
                              f"({', '.join(optim.NAMES)}), not to the checkpoint {text!r}")
-        return load_optimizer(text, "cpu", which)
+        return load_optimizer(text, "cpu", which)  # a path, or a shipped name such as "lstm_mnist"
     if isinstance(optimizer, torch.nn.Module) and callable(getattr(optimizer, "init", None)) \
             and callable(getattr(optimizer, "step", None)):
         if options:
@@ -63,31 +76,101 @@ def _check_portable(opt: torch.nn.Module) -> None:
                              "parameter names; give scalar hyperparameters instead")
 
 
+def _scale(value: Any) -> float:
+    """A group's ``scale``: a finite number >= 0 (torch.optim refuses a negative learning rate alike)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"scale must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+# float16 / bfloat16 parameters are stepped in float32 (state kept in float32, the result
+# rounded into the parameter): in 8 or 11 significant bits the optimizers' constants
+# (1 - beta2 = 1e-3, a bf16 0.999 rounds to 1) and an LSTM's small updates vanish
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
+
+
+def _fits(loaded: Any, fresh: Any, where: str) -> str | None:
+    """Why ``loaded`` is not a state of the layout of ``fresh`` (None if it is)."""
+    if isinstance(fresh, dict):
+        if not isinstance(loaded, dict) or set(loaded) != set(fresh):
+            got = sorted(loaded) if isinstance(loaded, dict) else type(loaded).__name__
+            return f"{where or 'the state'} has keys {got}, this optimizer's has {sorted(fresh)}"
+        return next((r for k in fresh if (r := _fits(loaded[k], fresh[k], f"{where}.{k}".lstrip("."))) is not None),
+                    None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(loaded, (list, tuple)) or len(loaded) != len(fresh):
+            return f"{where} has {len(loaded) if isinstance(loaded, (list, tuple)) else loaded!r} entries, " \
+                   f"this optimizer's has {len(fresh)}"
+        return next((r for i, (a, b) in enumerate(zip(loaded, fresh)) if (r := _fits(a, b, f"{where}[{i}]")) is not None),
+                    None)
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(loaded, torch.Tensor) or loaded.shape != fresh.shape:
+            got = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else type(loaded).__name__
+            return f"{where} has shape {got}, this optimizer's has {tuple(fresh.shape)}"
+        return None
+    if isinstance(loaded, torch.Tensor) or isinstance(loaded, (dict, list, tuple)):
+        return f"{where} is a {type(loaded).__name__}, this optimizer's is a {type(fresh).__name__}"
+    return None
+
+
+def _cast(state: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``state`` with its floating tensors on ``device`` in ``dtype`` (other leaves as they are)."""
+    if isinstance(state, dict):
+        return {k: _cast(v, device, dtype) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cast(v, device, dtype) for v in state)
+    if isinstance(state, torch.Tensor):
+        return state.to(device=device, dtype=dtype if state.is_floating_point() else state.dtype)
+    return state
+
+
 class LearnedOptimizer(torch.optim.Optimizer):
     """A learned (or hand-designed) l2o optimizer behind the ``torch.optim.Optimizer`` interface.
 
     Args:
         params: parameters or param groups, as for any ``torch.optim`` optimizer.
         optimizer: a checkpoint path written by ``meta_train.py`` (a learned LSTM or
-            learned hyperparameters), an optimizer name from ``l2o.optim.NAMES`` (with its
+            learned hyperparameters) or a shipped checkpoint's name (``"lstm_mnist"``,
+            ``"lstm_generalist"``, ...), an optimizer name from ``l2o.optim.NAMES`` (with its
             constructor options, e.g. ``"adam", lr=1e-3``), or an l2o optimizer module.
         which: ``best`` (by validation, the default) or ``current`` weights of a checkpoint.
-        scale: default of the groups' ``scale`` option (multiplies each update).
+        scale: default of the groups' ``scale`` option (multiplies each update; finite, >= 0).
         **options: constructor options of an optimizer given by name.
 
     Raises:
         l2o.checkpoint.CheckpointError: the checkpoint is missing or not an l2o checkpoint.
-        ValueError: unknown optimizer name, bad options, or hyperparameters learned per
-            weight of another task.
+        ValueError: unknown optimizer name, bad options or ``scale``, or hyperparameters
+            learned per weight of another task.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], optimizer: Any, *, which: str = "best",
                  scale: float = 1.0, **options: Any) -> None:
+        scale = _scale(scale)
         self.functional = _resolve(optimizer, which, options)
         _check_portable(self.functional)
         self._copies: dict[tuple, tuple[torch.nn.Module, Any]] = {}
         self._merged: dict[tuple, tuple[list, list, Any]] = {}  # the last single call's merged state
-        super().__init__(params, {"scale": float(scale)})
+        super().__init__(params, {"scale": scale})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (its ``scale`` defaults to the optimizer's), as ``torch.optim`` does."""
+        if isinstance(param_group, dict) and "scale" in param_group:
+            param_group = {**param_group, "scale": _scale(param_group["scale"])}
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, type(None))):
+            param_group = {**param_group, "params": list(param_group["params"])}  # a generator is read once
+        ps = param_group.get("params") if isinstance(param_group, dict) else None
+        for p in [ps] if isinstance(ps, torch.Tensor) else ps or []:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, parameter), as named_parameters() gives
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                # the optimizers' arithmetic (g * g, sign, log|g|) is for real coordinates; torch.optim
+                # steps complex parameters as pairs of reals, which these optimizers were not trained on
+                raise ValueError(f"LearnedOptimizer steps real parameters, got one of dtype {p.dtype}; keep its "
+                                 f"real and imaginary parts as two real parameters")
+        super().add_param_group(param_group)
 
     def _functional_for(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
         """The functional optimizer on ``device`` in ``dtype``, and its state layout (None: step one by one)."""
@@ -118,12 +201,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                kinds.setdefault((p.device, p.dtype), []).append((p, group))
+                kinds.setdefault((p.device, _compute_dtype(p)), []).append((p, group))
         for key, items in kinds.items():
             module, layout = self._functional_for(*key)
             for p, _ in items:
                 if "l2o" not in self.state[p]:
-                    self.state[p]["l2o"] = module.init({state_layout.KEY: p.detach()})
+                    self.state[p]["l2o"] = module.init({state_layout.KEY: p.detach().to(key[1])})
             calls = self._calls(key, items, layout)
             for call, merged in calls:
                 self._apply(key, module, layout, call, merged, remember=len(calls) == 1)
@@ -151,8 +234,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _apply(self, key: tuple, module: torch.nn.Module, layout: Any, call: list, merged: Any,
                remember: bool) -> None:
         names = [str(i) for i in range(len(call))] if layout is not None else [state_layout.KEY]
-        params = {n: p for n, (p, _) in zip(names, call)}
-        grads = {n: p.grad for n, (p, _) in zip(names, call)}
+        dtype = key[1]  # float32 copies of float16 / bfloat16 parameters and gradients
+        params = {n: p if p.dtype == dtype else p.detach().to(dtype) for n, (p, _) in zip(names, call)}
+        grads = {n: p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for n, (p, _) in zip(names, call)}
         if all(group["scale"] == 1.0 for _, group in call):
             # the parameters and their state are ours to update, as torch.optim's are: in place
             new, state = module.step_(params, grads, merged)
@@ -163,8 +247,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 continue
             if group["scale"] == 1.0:
                 p.copy_(new[n])
-            else:
+            elif params[n] is p:
                 p.add_(new[n] - p, alpha=group["scale"])
+            else:  # the step in float32, rounded once into the parameter
+                p.copy_(params[n].add_(new[n] - params[n], alpha=group["scale"]))
         if layout is None:
             self.state[call[0][0]]["l2o"] = state
             return
@@ -177,6 +263,45 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._merged.pop(key, None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state from :meth:`state_dict` (the learned optimizer's per-coordinate state included)."""
-        self._merged.clear()
+        """Load a state from :meth:`state_dict` (the learned optimizer's per-coordinate state included).
+
+        Raises:
+            ValueError: the state was not saved by a ``LearnedOptimizer`` with this optimizer
+                over parameters of these shapes (as ``torch.optim``, for a mismatch of the
+                groups); the optimizer is left as it was.
+        """
+        before = (self.state, self.param_groups)
         super().load_state_dict(state_dict)
+        try:
+            self._adopt(state_dict)
+        except ValueError:
+            self.state, self.param_groups = before  # load_state_dict replaced both; nothing is lost
+            raise
+        self._merged.clear()
+
+    def _adopt(self, state_dict: dict[str, Any]) -> None:
+        """Check every loaded per-parameter state against this optimizer's own, and hold it in its compute dtype.
+
+        ``torch.optim`` casts floating state to each parameter's dtype; a float16 /
+        bfloat16 parameter's float32 state is taken from ``state_dict`` again instead.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, (saved_id, p) in enumerate(zip(saved_ids, params)):
+            st = self.state.get(p)
+            if not st:
+                continue
+            if "l2o" not in st:
+                raise ValueError(f"loaded state of parameter {index} has no 'l2o' entry (keys {sorted(st)}): "
+                                 f"it was not saved by l2o.LearnedOptimizer")
+            dtype = _compute_dtype(p)
+            module, _ = self._functional_for(p.device, dtype)
+            with torch.no_grad():
+                fresh = module.init({state_layout.KEY: torch.zeros(p.shape, device=p.device, dtype=dtype)})
+            why = _fits(st["l2o"], fresh, "")
+            if why is not None:
+                raise ValueError(f"loaded state of parameter {index} (shape {tuple(p.shape)}) does not fit this "
+                                 f"optimizer: {why}; load a state_dict saved by a LearnedOptimizer with the same "
+                                 f"optimizer over parameters of the same shapes")
+            if p.dtype in _LOW_PRECISION:
+                st["l2o"] = _cast(state_dict["state"][saved_id]["l2o"], p.device, dtype)

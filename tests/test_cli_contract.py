@@ -78,6 +78,22 @@ CASES = [
     (T, [*QUAD, "--log-dir", "{sb}/a_file"], "is a file, not a folder"),
     (T, [*QUAD, "--init-from", "{sb}/garbage.pt", "--checkpoint", "{sb}/new.pt"], "unreadable"),
     (T, ["--data-dir", "{sb}/short_data", "--checkpoint", "{sb}/new.pt"], "truncated"),
+    # meta_train.py: an empty path or name (an unset shell variable) is not the default
+    (T, [*QUAD, "--name", ""], "argument --name: expected a path or name, got ''"),
+    (T, [*QUAD, "--log-dir", ""], "argument --log-dir: expected a path or name"),
+    (T, [*QUAD, "--checkpoint", ""], "argument --checkpoint: expected a path or name"),
+    (T, [*QUAD, "--init-from", "", "--checkpoint", "{sb}/new.pt"], "argument --init-from: expected a path or name"),
+    (T, [*QUAD, "--data-dir", "", "--checkpoint", "{sb}/new.pt"], "argument --data-dir: expected a path or name"),
+    # a seed whose derived optimizee seeds overflow torch's 64 bits (a traceback at the first unroll)
+    (T, [*QUAD, "--seed", "10000000000000", "--checkpoint", "{sb}/new.pt"], "argument --seed: expected an integer with"),
+    ("short_horizon", ["--seed", "-99999999999999999999"], "argument --seed: expected an integer with"),
+    # cifar10_conv has one FC width: a second --hidden value was silently dropped
+    (T, ["--task", "cifar10_conv", "--hidden", "32,64", "--checkpoint", "{sb}/new.pt"],
+     "--hidden for cifar10_conv is its one FC width, got [32, 64]"),
+    # meta_train.py: --task is not silently dropped for --family; --init-from takes a shipped name
+    (T, [*QUAD, "--family", "quadratic", "--checkpoint", "{sb}/new.pt"], "--task quadratic and --family quadratic both given"),
+    (T, [*QUAD, "--init-from", "lstm_mnist", "--lstm-hidden", "8", "--checkpoint", "{sb}/new.pt"],
+     "--init-from 'lstm_mnist' holds a {'type': 'LSTMOptimizer', 'hidden': 20"),
     # meta_eval.py: argparse
     (E, ["--bogus"], "unrecognized arguments"),
     (E, ["--steps", "0"], "--steps"),
@@ -100,12 +116,20 @@ CASES = [
     (E, [*BASE, "--out", "{sb}/eval"], "already holds results"),
     (E, [*BASE, "--cache-dir", "{sb}/a_file"], "is a file, not a folder"),
     (E, ["--baselines-only", "--tasks", "mnist_mlp", "--data-dir", "{sb}/short_data"], "truncated"),
+    (E, [*BASE, "--out", ""], "argument --out: expected a path or name"),
+    (E, ["--checkpoint", "{sb}/per_weight.pt", "--tasks", "quadratic"],
+     "learned one weight decay per weight of a task with parameters w [10]; task 'quadratic' has x [10]"),
+    (E, [*BASE, "--cache-dir", ""], "argument --cache-dir: expected a path or name"),
+    (E, [*BASE, "--data-dir", ""], "argument --data-dir: expected a path or name"),
+    (E, ["--checkpoint", ""], "argument --checkpoint: expected a path or name"),
     # experiments
     ("hyper_cleaning", ["--bogus"], "unrecognized arguments"),
     ("hyper_cleaning", ["--corrupt", "1.5"], "--corrupt"),
     ("hyper_cleaning", ["--lr", "nan"], "--lr"),
     ("hyper_cleaning", ["--n-train", "0"], "--n-train"),
     ("hyper_cleaning", ["--out", "{sb}/a_file"], "is a file, not a folder"),
+    ("hyper_cleaning", ["--out", ""], "argument --out: expected a path or name"),
+    ("hyper_cleaning", ["--data-dir", ""], "argument --data-dir: expected a path or name"),
     ("implicit_weight_decay", ["--hyper-lr", "inf"], "--hyper-lr"),
     ("implicit_weight_decay", ["--threads", "0"], "--threads"),
     ("short_horizon", ["--momentum", "nan"], "--momentum"),
@@ -136,6 +160,9 @@ def sandbox(tmp_path_factory) -> str:
     checkpoint.save(str(sb / "run" / "checkpoint.pt"),
                     {"optimizer": checkpoint.optimizer_payload(opt), "best": None, "config": {}, "meta_step": 0})
     (sb / "garbage.pt").write_bytes(b"not a checkpoint")
+    per_weight = optim.WeightDecay(optim.SGD(lr=0.1), 1e-3, shapes={"w": [10]})  # another task's parameter names
+    checkpoint.save(str(sb / "per_weight.pt"),
+                    {"optimizer": checkpoint.optimizer_payload(per_weight), "best": None, "config": {}, "meta_step": 0})
     (sb / "a_file").write_text("a plain file\n")
     (sb / "a_folder").mkdir()
     (sb / "eval").mkdir()
@@ -184,3 +211,38 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(prog, argv, fragment, 
 def test_the_table_is_large_enough():
     assert len(CASES) >= 40 and {c[0] for c in CASES} >= {T, E, "hyper_cleaning", "implicit_weight_decay",
                                                             "short_horizon"}
+
+
+def test_a_tilde_path_is_the_home_folder_not_a_folder_named_tilde(tmp_path, monkeypatch, capsys):
+    """``--out=~/x`` reaches the program unexpanded (the shell expands ``~`` only at a word's start)."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    main, _ = load_main(T, monkeypatch)
+    tiny = ["--task", "quadratic", "--lstm-hidden", "3", "--meta-steps", "1", "--horizon", "2", "--truncation", "2",
+            "--val-seeds", "1", "--no-progress"]
+    assert main([*tiny, "--log-dir=~/runs", "--checkpoint=~/ck.pt"]) == 0, capsys.readouterr().err
+    assert (home / "ck.pt").is_file() and (home / "runs").is_dir() and not (work / "~").exists()
+    main, _ = load_main(E, monkeypatch)
+    assert main(["--baselines-only", "--tasks", "quadratic", "--seeds", "1", "--steps", "3", "--tuning-seeds", "1",
+                 "--grid", "0.1,1,2", "--no-progress", "--out=~/eval", "--cache-dir=~/cache"]) == 0
+    assert (home / "eval" / "results.json").is_file() and not (work / "~").exists()
+
+
+def test_a_diverging_run_ends_with_its_message_not_a_tensorboard_traceback(tmp_path, monkeypatch, capsys):
+    """Validation of a diverged optimizer gave TensorBoard a histogram of inf update sizes: it raised
+    ValueError('The histogram is empty') in the middle of the run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("L2O_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    torch.set_default_dtype(torch.float32)  # the command line's dtype (the float64 fixture restores its own)
+    main, _ = load_main(T, monkeypatch)
+    code = main(["--task", "quadratic", "--optimizer", "sgd", "--learn", "lr", "--lr", "1e300", "--meta-steps", "1",
+                 "--horizon", "2", "--truncation", "2", "--val-seeds", "1", "--no-progress",
+                 "--checkpoint", str(tmp_path / "ck.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "all 1 meta-steps were skipped" in err and "Traceback" not in err

@@ -25,8 +25,9 @@ FLAGS = ["--task", "quadratic", "--lstm-hidden", "6", "--horizon", "8", "--trunc
 
 def torchrun(tmp_path, *args, nproc: int = 2, background: bool = False, dtype: str = "float64",
              env: dict | None = None):
+    flags = FLAGS[2:] if "--family" in args else FLAGS  # a family samples its own tasks: no --task with it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", WORKER,
-           *FLAGS, "--log-dir", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "ck.pt"), *args]
+           *flags, "--log-dir", str(tmp_path / "runs"), "--checkpoint", str(tmp_path / "ck.pt"), *args]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", L2O_TEST_DTYPE=dtype, **(env or {}))
     if background:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)

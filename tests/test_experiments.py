@@ -104,3 +104,10 @@ def test_implicit_cost_benchmark_smoke(experiments, tmp_path):  # the fixture re
     assert set(out["neumann"]) == {1, 5} and out["n_hyperparameters"] == 784 * 8 + 8 + 8 * 10 + 10
     assert all(r["ratio_to_training_step"] > 0 for r in out["neumann"].values())
     assert os.path.isfile(tmp_path / "cost.json")
+
+
+def test_hyper_cleaning_without_corrupted_examples_finishes(experiments, tiny_data, tmp_path):
+    """--corrupt 0 ran every meta-step, then lost the results to a histogram of no corrupted weights."""
+    out = str(tmp_path)
+    r = experiments("hyper_cleaning").main(["--quick", "--corrupt", "0", "--data-dir", tiny_data, "--out", out])
+    assert r["corrupted"] == 0 and os.path.isfile(os.path.join(out, "results.json"))

@@ -297,6 +297,8 @@ def test_meta_training_from_supervised_starts_at_its_representation(hr, episode_
     (["--shots", "1,x"], "comma-separated"),
     (["--train-shots", "0"], "--train-shots"),
     (["--train-shots", "400"], "meta-training episodes need 402 images"),
+    # validation also runs at the meta-training K (baseline (a)'s pick): a stack error after the pretraining
+    (["--shots", "1", "--train-shots", "15"], "validation episodes need 17 images per class"),
     (["--meta-lr", "1e-3,-1"], "--meta-lr: expected comma-separated positive numbers"),
     (["--init", "pretrained"], "--init: invalid choice"),
 ])

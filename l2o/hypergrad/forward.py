@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .estimator import Estimator, Options, register
 from .reverse import check_hparams
-from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, inner_step, weight_at
+from .unroll import InnerLoss, OuterLoss, Params, check_problem, check_steps, detach, inner_step, weight_at
 
 
 def _directions(hparams: dict[str, torch.Tensor], max_directions: int) -> list[tuple[str, int]]:
@@ -66,6 +66,7 @@ class ForwardUnroll:
                  second_order: bool = True, meta_weights: Sequence[float] | None = None, state: Any = None,
                  max_directions: int = 1000) -> None:
         check_hparams(hparams)
+        check_problem(params, opt)
         self.inner_loss, self.hparams, self.opt = inner_loss, hparams, opt
         self.second_order, self.meta_weights = second_order, meta_weights
         self.dirs = _directions(hparams, max_directions)

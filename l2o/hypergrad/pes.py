@@ -42,7 +42,7 @@ from ..optim.base import substitute
 from . import particles
 from .estimator import Estimator, Options, Problem, State, register, zeros_like
 from .reverse import check_hparams
-from .unroll import InnerLoss, OuterLoss, Params, check_steps, unroll
+from .unroll import InnerLoss, OuterLoss, Params, check_problem, check_steps, unroll
 
 
 # Default for ``batched=None``: batch the particles when all of them together hold at most this many
@@ -223,6 +223,7 @@ def _run(cls: type[PES], inner_loss: InnerLoss, outer_loss: OuterLoss | None, pa
          meta_weights: Sequence[float] | None) -> dict[str, torch.Tensor]:
     check_steps(steps)
     check_hparams(hparams)
+    check_problem(params, opt)
     est = cls(truncate=truncate, sigma=sigma, particles=particles)
     state = est.init(Problem(inner_loss, outer_loss, params, opt, steps, meta_weights), hparams, generator)
     grads, metrics, state = est.estimate(hparams, state)

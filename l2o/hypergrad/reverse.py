@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .unroll import InnerLoss, OuterLoss, Params, check_steps, detach, unroll, weight_at
+from .unroll import InnerLoss, OuterLoss, Params, check_problem, check_steps, detach, unroll, weight_at
 
 
 @dataclass
@@ -64,6 +64,7 @@ def segments(inner_loss: InnerLoss, outer_loss: OuterLoss | None, params: Params
     check_steps(steps)
     check_steps(truncate, "truncate")
     check_hparams(hparams)
+    check_problem(params, opt)
     if outer_loss is None and meta_weights is None:
         raise ValueError("give an outer_loss, meta_weights, or both: the objective is empty")
     if meta_weights is not None and len(meta_weights) < start + steps:

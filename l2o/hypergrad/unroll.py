@@ -67,6 +67,20 @@ def check_steps(steps: int, name: str = "steps") -> int:
     return steps
 
 
+_NO_OPT = object()
+
+
+def check_problem(params: Any, opt: Any = _NO_OPT) -> None:
+    """``params`` a non-empty dict of tensors and ``opt`` an l2o optimizer, else one clear TypeError
+    (not an AttributeError from deep inside the unroll)."""
+    if not isinstance(params, dict) or not params or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise TypeError(f"params must be a non-empty dict of tensors, got {type(params).__name__}"
+                        + (f" {params!r}" if isinstance(params, dict) else ""))
+    if opt is not _NO_OPT and not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "step", None))):
+        raise TypeError(f"opt must be an l2o optimizer (l2o.optim.SGD(lr=...), l2o.load_optimizer(...)), got "
+                        f"{type(opt).__name__}; a torch.optim optimizer cannot be unrolled")
+
+
 def weight_at(meta_weights: Sequence[float] | torch.Tensor | None, t: int) -> float | torch.Tensor | None:
     if meta_weights is None:
         return None
@@ -100,6 +114,7 @@ def unroll(inner_loss: InnerLoss, params: Params, hparams: dict, opt, steps: int
     callback may keep the tensors it is shown, so with one every step is out of place.
     """
     check_steps(steps)
+    check_problem(params, opt)
     if state is None:
         state = opt.init(params)
     meta_loss: torch.Tensor | float = 0.0

@@ -52,6 +52,8 @@ class DifferentiableOptimizer(nn.Module):
             self._given[name] = value
             return
         value = float(value)
+        if not math.isfinite(value):  # nan passed every check below; inf became a nan step
+            raise ValueError(f"{type(self).__name__}: {name} must be a finite number, got {value}")
         if kind == "positive" and value <= 0:
             raise ValueError(f"{type(self).__name__}: {name} must be > 0, got {value}")
         if kind == "unit" and not 0.0 < value < 1.0:

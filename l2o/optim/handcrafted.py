@@ -9,6 +9,8 @@ valid), in place in ``step_`` (for callers that own them, as ``torch.optim`` upd
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import DifferentiableOptimizer, Params, State, foreach
@@ -131,6 +133,8 @@ class Adam(DifferentiableOptimizer):
         self._hparam("beta1", beta1, "unit")
         self._hparam("beta2", beta2, "unit")
         self.eps = float(eps)
+        if not (math.isfinite(self.eps) and self.eps >= 0):  # as torch.optim: "Invalid epsilon value"
+            raise ValueError(f"{type(self).__name__}: eps must be a finite number >= 0, got {eps}")
         self._config["eps"] = self.eps
 
     def init(self, params: Params) -> State:
@@ -179,6 +183,8 @@ class RMSprop(DifferentiableOptimizer):
         self._hparam("lr", lr, "positive")
         self._hparam("alpha", alpha, "unit")
         self.eps = float(eps)
+        if not (math.isfinite(self.eps) and self.eps >= 0):  # as torch.optim: "Invalid epsilon value"
+            raise ValueError(f"{type(self).__name__}: eps must be a finite number >= 0, got {eps}")
         self._config["eps"] = self.eps
 
     def init(self, params: Params) -> State:

@@ -159,9 +159,19 @@ class LSTMOptimizer(DifferentiableOptimizer):
             ws.append(self.skip.weight)
         return ws
 
+    def _check_state(self, n: int, state: State) -> None:
+        """Refuse a state made for another number of coordinates: the compiled kernels would read past its end."""
+        sizes = [t.shape[0] if t.dim() else -1 for t in (*state["h"], *state["c"])]
+        if "feat" in state:
+            sizes += [t.shape[-1] if t.dim() else -1 for t in (state["feat"]["m"], state["feat"]["v"])]  # m: [3, N]
+        if any(k != n for k in sizes):
+            raise ValueError(f"LSTMOptimizer: the state holds {sizes[0]} coordinates but the parameters have {n}; "
+                             f"step with the state init() made for these parameters")
+
     def step(self, params: Params, grads: Params, state: State) -> tuple[Params, State]:
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
+        self._check_state(g.shape[0], state)
         x, feat_state = self._features(g, state)
         # under torch.func transforms (vmap over PES particles) neither the custom autograd
         # node nor the in-place kernel applies: every operation is recorded, as the reference
@@ -208,6 +218,7 @@ class LSTMOptimizer(DifferentiableOptimizer):
             return self.step(params, grads, state)
         keys = list(params)
         g = torch.cat([grads[k].reshape(-1) for k in keys])
+        self._check_state(g.shape[0], state)
         x, feat_state = self._features(g, state)
         update, hs, cs = self._fused_step(x, state["h"], state["c"], into=_separate(state))
         return self._updated(params, update, state, hs, cs, feat_state, inplace=True)

@@ -83,7 +83,12 @@ class ModuleTask(Task):
     def __init__(self, build: Callable[[], nn.Module], criterion: Callable) -> None:
         self._build = build
         self.module = build()
+        if not isinstance(self.module, nn.Module):
+            raise TypeError(f"the model builder returned a {type(self.module).__name__}, not an nn.Module; "
+                            f"give a function or class that returns the model, e.g. `lambda: MyNet()`")
         self.names = [n for n, _ in self.module.named_parameters()]
+        if not self.names:
+            raise ValueError(f"the model ({type(self.module).__name__}) has no parameters to optimize")
         self.fmodel = higher.monkeypatch(self.module, copy_initial_weights=True, track_higher_grads=False)
         self.criterion = criterion
         self.device = torch.device("cpu")

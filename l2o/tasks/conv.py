@@ -1,6 +1,8 @@
 """The L2L paper's CIFAR-10 optimizee: three conv layers and a 32-unit hidden layer."""
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from .base import DatasetTask, cross_entropy
@@ -23,8 +25,9 @@ class ConvTask(DatasetTask):
 
     def __init__(self, channels: int = 16, hidden: int = 32, batch_size: int = 128,
                  data_dir: str | None = None, device: str = "cpu") -> None:
-        if min(channels, hidden, batch_size) < 1:
-            raise ValueError("channels, hidden and batch_size must be positive")
+        for v in (channels, hidden, batch_size):  # a list (MLP-style hidden) or 2.5 failed later or was truncated
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer() or v < 1:
+                raise ValueError(f"channels, hidden and batch_size must be positive integers, got {v!r}")
         self.channels, self.hidden, self.batch_size, self.data_dir = int(channels), int(hidden), int(batch_size), data_dir
         super().__init__(lambda: build_conv(self.channels, self.hidden), cross_entropy)
         self.to(device)

@@ -70,10 +70,24 @@ def check_idx(path: str) -> None:
                                 f"header says {expected}); replace it with the original dataset file")
 
 
+def idx_root(root: str, folder: str) -> str:
+    """The data root for a ``--data-dir`` that names the dataset's own folder (``DATA/MNIST``) or
+    its ``raw/`` folder instead of the root holding it, as a CIFAR-10 folder may be named."""
+    norm = os.path.normpath(root)
+    if os.path.isdir(os.path.join(norm, folder, "raw")):
+        return root
+    if os.path.basename(norm) == "raw" and os.path.basename(os.path.dirname(norm)) == folder:
+        return os.path.dirname(os.path.dirname(norm)) or "."
+    if os.path.basename(norm) == folder and os.path.isdir(os.path.join(norm, "raw")):
+        return os.path.dirname(norm) or "."
+    return root
+
+
 def _torchvision_idx(kind: str, root: str, train: bool):
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST}[kind]
+    root = idx_root(root, cls.__name__)
     for name in IDX_FILES[train]:
         path = os.path.join(root, cls.__name__, "raw", name)
         if os.path.isfile(path):
@@ -86,6 +100,13 @@ def _torchvision_idx(kind: str, root: str, train: bool):
         return cls(root=root, train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - any network/IO failure means "not available"
         folder = os.path.join(root, cls.__name__, "raw")
+        names = [f for files in IDX_FILES.values() for f in files]
+        missing = [f for f in names if not os.path.isfile(os.path.join(folder, f))]
+        if 0 < len(missing) < len(names):  # a partial copy: say which file, not "not found"
+            raise DataNotFoundError(
+                f"{cls.__name__} under {root!r} is incomplete: {', '.join(missing)} missing from {folder} (and it "
+                f"could not be downloaded); copy the missing file there or pass --data-dir / set L2O_DATA_DIR"
+            ) from None
         raise DataNotFoundError(
             f"{cls.__name__} not found under {root!r} and could not be downloaded ({type(exc).__name__}); "
             f"put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
@@ -98,7 +119,8 @@ def on_disk(name: str, data_dir: str | None = None) -> bool:
     root = data_root(data_dir)
     if name == "cifar10":
         return cifar10_folder(root) is not None
-    folder = os.path.join(root, {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name], "raw")
+    sub = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+    folder = os.path.join(idx_root(root, sub), sub, "raw")
     return all(os.path.isfile(os.path.join(folder, f)) for files in IDX_FILES.values() for f in files)
 
 

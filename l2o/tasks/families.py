@@ -250,7 +250,9 @@ def parse(spec: str, data_dir: str | None = None, device: str = "cpu") -> Family
     """
     from .registry import TASKS
 
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise TypeError(f"a family spec must be a str such as 'mlp+quadratic', got {type(spec).__name__}")
+    if not spec.strip():
         raise ValueError(f"empty family spec; choose one of {', '.join(FAMILIES)} or write component:key=value+...")
     if spec in FAMILIES:
         return _named(spec, FAMILIES[spec], {}, data_dir, device)

@@ -33,7 +33,11 @@ class MLPTask(DatasetTask):
 
     def __init__(self, dataset: str = "mnist", hidden: Sequence[int] | int = (20,), activation: str = "sigmoid",
                  batch_size: int = 128, data_dir: str | None = None, device: str = "cpu") -> None:
-        hidden = [int(hidden)] if isinstance(hidden, (int, str)) else [int(h) for h in hidden]
+        hidden = [hidden] if isinstance(hidden, (int, str)) else list(hidden)
+        for v in (batch_size, *hidden):  # 2.5 units were silently 2
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError(f"batch_size and hidden sizes must be positive integers, got {v!r}")
+        hidden = [int(h) for h in hidden]
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if batch_size < 1 or any(h < 1 for h in hidden):

@@ -1,6 +1,9 @@
 """The L2L paper's quadratic family: ``f(x) = ||W x - y||^2`` with a fresh ``W, y`` per sample."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .base import Batch, Params, Task, _check_split
@@ -17,8 +20,10 @@ class QuadraticTask(Task):
 
     def __init__(self, dim: int = 10, init_std: float = 0.01, device: str = "cpu",
                  W: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
-        if dim < 1:
-            raise ValueError(f"quadratic dim must be >= 1, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+            raise ValueError(f"quadratic dim must be an integer >= 1, got {dim!r}")
+        if isinstance(init_std, bool) or not isinstance(init_std, numbers.Real) or not 0 <= init_std < math.inf:
+            raise ValueError(f"quadratic init_std must be a finite number >= 0, got {init_std!r}")  # nan: a nan task
         self.dim, self.init_std, self.device = int(dim), float(init_std), torch.device(device)
         self.W, self.y = W, y
 

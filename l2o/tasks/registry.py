@@ -135,6 +135,22 @@ def options(name: str) -> list[str]:
             and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
 
 
+def _check_common(opts: dict[str, Any]) -> None:
+    """``device`` and ``data_dir`` (every task's options) checked here, not deep inside torch or os."""
+    if opts.get("data_dir") is not None and not isinstance(opts["data_dir"], (str, os.PathLike)):
+        raise TypeError(f"data_dir must be a str or os.PathLike, got {type(opts['data_dir']).__name__}")
+    if opts.get("device") is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(opts["device"])
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {opts['device']!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {opts['device']!r} asks for CUDA, which is not available here; use 'cpu'")
+
+
 def get(name: str, **opts) -> Task:
     """Build a task by name.
 
@@ -148,9 +164,14 @@ def get(name: str, **opts) -> Task:
             dropped for a task that takes none.
 
     Raises:
-        ValueError: unknown task or option, or an import path that fails, with the
-            valid choices in the one-line message.
+        ValueError: unknown task or option, a bad ``device``, or an import path that
+            fails, with the valid choices in the one-line message. TypeError: ``name`` is
+            not a str.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"a task name must be a str (a built-in, a registered name or package.module:function), "
+                        f"got {type(name).__name__}")
+    _check_common(opts)
     factory = _factory(name)
     known = options(name)
     any_option = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in _signature(name))
@@ -160,6 +181,12 @@ def get(name: str, **opts) -> Task:
     bad = [k for k in opts if k not in known and not any_option]
     if bad:
         raise ValueError(f"task {name!r} has no option {bad[0]!r}; options: {', '.join(known) or 'none'}")
+    required = [p.name for p in _signature(name)[1 if inspect.isclass(_SIGNATURES[name]) else 0:]
+                if p.default is inspect.Parameter.empty and p.name not in opts
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    if required:  # checked here: a TypeError raised inside the factory is the user's own, with its traceback
+        raise ValueError(f"task {name!r} needs a value for {required[0]!r} (no default); give it as an option "
+                         f"or a default in the function")
     task = factory(**opts)
     if not isinstance(task, Task):
         raise ValueError(f"task {name!r} built a {type(task).__name__}, not an l2o Task; "
