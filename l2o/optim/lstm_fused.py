@@ -105,7 +105,7 @@ def _forward_kernel(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tens
                     readout: str, output_scale: float, skip_gain: float, into: bool):
     """:func:`forward_cm` without a graph on the compiled kernel: each layer's products and gates in one
     pass (:func:`l2o.optim.lstm_kernel.layer_forward_cm`: the ``[N, 4H]`` pre-activations never go
-    through memory; about 0.7x the time of the BLAS products and separate gate pass, which the path with
+    through memory; 0.6-0.8x the time of the BLAS products and separate gate pass, which the path with
     a graph keeps: there its fresh saved outputs, not the products, set the time), the
     features read in place from their ``[F, N]`` storage. The same arithmetic as that path up to
     the order of the products' sums (float32 rounding)."""
