@@ -23,18 +23,19 @@ sys.path.insert(0, ROOT)  # meta_train.py and meta_eval.py sit at the repository
 
 import meta_eval  # noqa: E402
 import meta_train  # noqa: E402
+from l2o.cli import Parser, positive_int  # noqa: E402
 
 TASKS_FILE = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "user_tasks.py"))
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="meta_train_user_tasks.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="meta_train_user_tasks.py", description=__doc__.split("\n\n")[0])  # bad input: one line, exit 2
     p.add_argument("--out", default=os.path.join("runs", "user_tasks"), help="output folder (default %(default)s)")
-    p.add_argument("--meta-steps", type=int, default=30, help="meta-training steps (default %(default)s)")
-    p.add_argument("--horizon", type=int, default=40, help="inner steps per unroll (default %(default)s)")
-    p.add_argument("--eval-steps", type=int, default=200, help="steps of each evaluation run (default %(default)s)")
-    p.add_argument("--seeds", type=int, default=5, help="evaluation seeds (default %(default)s)")
-    p.add_argument("--tuning-seeds", type=int, default=2, help="seeds for tuning baselines (default %(default)s)")
+    p.add_argument("--meta-steps", type=positive_int, default=30, help="meta-training steps (default %(default)s)")
+    p.add_argument("--horizon", type=positive_int, default=40, help="inner steps per unroll (default %(default)s)")
+    p.add_argument("--eval-steps", type=positive_int, default=200, help="steps of each evaluation run (default %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="evaluation seeds (default %(default)s)")
+    p.add_argument("--tuning-seeds", type=positive_int, default=2, help="seeds for tuning baselines (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="tiny settings (a smoke test)")
     return p.parse_args(argv)
 

@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)  # run from a clone without installing l2o
 
 import l2o  # noqa: E402
 from l2o.checkpoint import CheckpointError  # noqa: E402
+from l2o.cli import Parser, positive_int  # noqa: E402
 from l2o.tasks.data import DataNotFoundError, load  # noqa: E402  (reads the cifar-10-batches-py pickles)
 
 
@@ -54,23 +55,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 10
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train_cifar10.py", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="train_cifar10.py", description=__doc__.split("\n\n")[0])  # bad input: one line, exit 2
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
     p.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints", "lstm_cifar10.pt"),
                    help="learned optimizer (default: the shipped checkpoints/lstm_cifar10.pt)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="minibatch size (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="minibatch size (default %(default)s)")
     p.add_argument("--adam-lr", type=float, default=3e-3, help="Adam's learning rate (default %(default)s, "
                    "the rate tuned for this convnet)")
-    p.add_argument("--log-every", type=int, default=25, help="print the curves every N steps (default %(default)s)")
+    p.add_argument("--log-every", type=positive_int, default=25, help="print the curves every N steps (default %(default)s)")
     p.add_argument("--plot", default="cifar10_curves.png", help="where to save the plot (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default %(default)s)")
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    if min(args.steps, args.batch_size, args.log_every, args.threads) < 1:
-        p.error("--steps, --batch-size, --log-every and --threads must be positive")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

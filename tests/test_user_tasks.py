@@ -215,6 +215,17 @@ def test_example_cifar10_training_loop(tiny_data, tmp_path, capsys):
     assert code == 2
 
 
+@pytest.mark.parametrize("script,argv", [("examples/train_cifar10.py", ["--steps", "0"]),
+                                         ("examples/train_cifar10.py", ["--batch-size", "x"]),
+                                         ("examples/meta_train_user_tasks.py", ["--seeds", "-1"])])
+def test_examples_refuse_bad_input_in_one_line(script, argv, capsys):
+    """The examples answer bad flags as the CLIs do: one line, exit 2, no usage block."""
+    with pytest.raises(SystemExit) as info:
+        load_script(script).main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1 and "expected a positive integer" in err
+
+
 def test_example_meta_train_on_user_tasks(tmp_path, capsys):
     code = load_script("examples/meta_train_user_tasks.py").main(["--quick", "--out", str(tmp_path / "run")])
     out = capsys.readouterr().out
