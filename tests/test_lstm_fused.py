@@ -212,6 +212,34 @@ def test_one_pass_layer_equals_products_and_gate_pass(hidden, feats, dtype, tol)
     assert torch.equal(c_two, c_one) and torch.equal(h_two, h_one)
 
 
+def test_one_pass_layer_follows_in_place_weight_updates():
+    """The packed (transposed, padded) weights are reused between steps and rebuilt after an in-place update."""
+    if lstm_kernel.kernel() is None:
+        pytest.skip("no C compiler: the compiled kernel is unavailable")
+    gen = torch.Generator().manual_seed(0)
+    x, h, c = torch.randn(9, 3, generator=gen), torch.randn(9, 4, generator=gen), torch.randn(9, 4, generator=gen)
+    w, b = torch.randn(16, 7, generator=gen).requires_grad_(), torch.randn(16, generator=gen).requires_grad_()
+
+    def both():
+        c1, h1 = c.clone(), torch.empty_like(h)
+        lstm_kernel.layer_forward_cm(x, h, w, b, c1, h1)
+        c2, h2 = c.clone(), torch.empty_like(h)
+        pre = torch.mm(x, w.detach()[:, :3].t()).addmm_(h, w.detach()[:, 3:].t())
+        lstm_kernel.gates_forward_cm(pre, b.detach(), c2, h2)
+        torch.testing.assert_close(h1, h2, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(c1, c2, rtol=1e-13, atol=1e-13)
+        return h1
+    first = both()
+    with torch.no_grad():
+        w.mul_(0.5)  # as an outer optimizer updates the LSTM's weights
+    assert not torch.equal(both(), first)
+    with torch.no_grad():
+        b.add_(1.0)
+    both()
+    with pytest.raises(ValueError, match="LSTM kernel got inputs"):
+        lstm_kernel.layer_forward_cm(x[:5], h, w, b, c.clone(), torch.empty_like(h))
+
+
 def test_no_graph_step_equals_the_recorded_cell_with_states_of_other_strides():
     """Float64: the one-pass no-graph step (kernel) equals the eager one (BLAS products, eager gates), for
     both readouts, with states given as transposed views (copied for the kernel, never written)."""

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+import weakref
 
 import torch
 
@@ -337,23 +338,47 @@ def gates_forward_cm(pre: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: tor
     getattr(kernel(), f"gates_fwd_cm_{_sfx(pre, b, c, h)}")(_p(pre), _p(b), _p(c), _p(h), H, N)
 
 
+# weight -> (what it was packed from, W^T padded, bias padded): the no-graph step packs each
+# layer's weights once and reuses them while they are unchanged (evaluation, the adapter)
+# (keyed by id, dropped when the weight is freed: tensors compare elementwise, so no WeakKeyDictionary)
+_PACKED: dict[int, tuple] = {}
+
+
+def _packed(w: torch.Tensor, b: torch.Tensor, F: int, H: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W^T`` [F + H, P] and ``b`` [P], zero-padded to whole register blocks of ten 32-byte vectors;
+    rebuilt when either tensor is changed in place (its version counter) or replaced."""
+    key = (w.data_ptr(), w._version, b.data_ptr(), b._version, w.dtype)
+    hit = _PACKED.get(id(w))
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    if hit is None:
+        weakref.finalize(w, _PACKED.pop, id(w), None)
+    block = 10 * (32 // w.element_size())
+    P = -(-4 * H // block) * block
+    with torch.no_grad():
+        wt = w.new_zeros(F + H, P)
+        wt[:, :4 * H] = w.t()
+        bp = b.new_zeros(P)
+        bp[:4 * H] = b
+    _PACKED[id(w)] = (key, wt, bp)
+    return wt, bp
+
+
 def layer_forward_cm(inp: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                      h_out: torch.Tensor) -> None:
     """One layer without a graph, products and gates in one pass: ``c`` [N, H] updated in place,
     ``h_out`` [N, H] written (it may be ``h``); ``inp`` [N, F] of any strides, ``w`` [4H, F + H], ``b`` [4H]."""
     N, H = c.shape
     F = inp.shape[1]
-    block = 10 * (32 // inp.element_size())  # ten 32-byte vectors of outputs per register block
-    P = -(-4 * H // block) * block
-    wt = w.new_zeros(F + H, P)
-    wt[:, :4 * H] = w.t()
-    bp = b.new_zeros(P)
-    bp[:4 * H] = b
-    acc = b.new_empty(P)
     if inp.dtype != h.dtype or inp.device.type != "cpu":
         raise ValueError("the LSTM kernel needs CPU tensors of one dtype")
+    if inp.shape[0] != N or h.shape != c.shape or h_out.shape != c.shape or w.shape != (4 * H, F + H):
+        raise ValueError(f"the LSTM kernel got inputs of {tuple(inp.shape)}, states of {tuple(h.shape)}, "
+                         f"{tuple(c.shape)}, {tuple(h_out.shape)} and weights of {tuple(w.shape)}")
+    wt, bp = _packed(w, b, F, H)
+    acc = b.new_empty(wt.shape[1])
     getattr(kernel(), f"layer_cm_{_sfx(h, wt, bp, c, h_out, acc)}")(
-        _p(inp), inp.stride(0), inp.stride(1), F, _p(h), _p(wt), _p(bp), _p(c), _p(h_out), _p(acc), H, P, N)
+        _p(inp), inp.stride(0), inp.stride(1), F, _p(h), _p(wt), _p(bp), _p(c), _p(h_out), _p(acc), H, wt.shape[1], N)
 
 
 def gates_backward(s: torch.Tensor, t: torch.Tensor, c: torch.Tensor, dh: torch.Tensor | None,
