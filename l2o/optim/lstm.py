@@ -18,7 +18,7 @@ from torch import nn
 
 from . import preprocess
 from .base import DifferentiableOptimizer, Params, State
-from .lstm_fused import FusedCell, forward_cm
+from .lstm_fused import FusedCell, forward_cm, forward_kernel, kernel_applies
 
 INPUTS = ("paper", "plain", "rich")
 READOUTS = ("linear", "dir_mag")
@@ -240,19 +240,22 @@ class LSTMOptimizer(DifferentiableOptimizer):
 
     def _fused_step(self, x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], into: bool = False
                     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """:func:`cell_core` without a graph (:func:`l2o.optim.lstm_fused.forward_cm`), on a reused work matrix.
+        """:func:`cell_core` without a graph (:func:`l2o.optim.lstm_fused.forward_cm`).
 
-        Coordinate-major ``[N, 4 hidden]`` gate products, the gates' elementwise work in
-        one compiled pass (:mod:`l2o.optim.lstm_kernel`, eager operations where it is
-        unavailable), the cell output's ``tanh`` as ``2 sigmoid(2 c) - 1``. Returns
+        Each layer's products and gates in one compiled pass (:mod:`l2o.optim.lstm_kernel`);
+        where the kernel is unavailable, coordinate-major ``[N, 4 hidden]`` products into a
+        work matrix reused across steps (allocated only then: 320 bytes per coordinate) and
+        eager gates, the cell output's ``tanh`` as ``2 sigmoid(2 c) - 1``. Returns
         ``(update [N], hidden states, cell states)``; ``into``: written into ``hs``, ``cs``.
         """
-        H, n = self.hidden, x.shape[0]
+        H, n, ws = self.hidden, x.shape[0], self._weights()
+        if kernel_applies(x, hs, cs, ws, self.readout):
+            return forward_kernel(x, hs, cs, ws, self.readout, self.output_scale, self.skip_gain, into)
         buf = getattr(self, "_scratch", None)
         if buf is None or buf.shape != (n, 4 * H) or buf.dtype != x.dtype or buf.device != x.device:
             buf = self._scratch = x.new_empty(n, 4 * H)
-        return forward_cm(x, hs, cs, self._weights(), H, self.readout, self.output_scale, self.skip_gain,
-                          into=into, scratch=buf)[:3]
+        return forward_cm(x, hs, cs, ws, H, self.readout, self.output_scale, self.skip_gain, into=into,
+                          scratch=buf)[:3]
 
 
 def _separate(state: State) -> bool:

@@ -36,8 +36,8 @@ def forward_cm(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], 
     outputs with an inner dimension of 7-20), and the backward's 1.35x faster. The gates'
     elementwise work, bias included, is one compiled pass (:mod:`l2o.optim.lstm_kernel`)
     or eager operations; the readout is feature-major (its 1-2 output rows of N: as
-    ``[N, 2]`` the product ran 3.5x slower). Without a graph and with the kernel, each
-    layer's products and gates are instead one compiled pass (:func:`_forward_kernel`).
+    ``[N, 2]`` the product ran 3.5x slower). Without a graph, where the compiled kernel
+    applies (:func:`kernel_applies`), :func:`forward_kernel` computes the same instead.
 
     ``save`` (:class:`FusedCell`): ``saved`` holds, per layer, the gate activations
     ``s [N, 4H]``, ``t = tanh(c') [N, H]`` and the (contiguous) ``c`` used, then the
@@ -47,8 +47,6 @@ def forward_cm(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], 
     steps. Returns ``(update [N], new hidden states, new cell states, saved)``.
     """
     H = hidden
-    if not save and _kernel_applies(x, hs, cs, weights, readout):
-        return (*_forward_kernel(x, hs, cs, weights, readout, output_scale, skip_gain, into), [])
     x = x.contiguous()  # the features come as [N, F] views of [F, N] storage: products with them ran 1.9x slower
     inp, new_h, new_c, saved = x, [], [], []
     for i, (h, c) in enumerate(zip(hs, cs)):
@@ -94,15 +92,17 @@ def _readout(x: torch.Tensor, h: torch.Tensor, rest: list[torch.Tensor], readout
     return ds[0] * e * output_scale, ([ds, e] if save else [])
 
 
-def _kernel_applies(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
+def kernel_applies(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
                     readout: str) -> bool:
-    # states of other strides are copied (the kernel reads contiguous rows), as the products' path does
+    """Whether the no-graph cell runs on the compiled one-pass layers (:func:`forward_kernel`).
+
+    States of other strides are copied for it (the kernel reads contiguous rows)."""
     return (lstm_kernel.usable(*weights) and readout in ("dir_mag", "linear")
             and all(t.dtype == weights[0].dtype and t.device.type == "cpu" for t in (x, *hs, *cs)))
 
 
-def _forward_kernel(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
-                    readout: str, output_scale: float, skip_gain: float, into: bool):
+def forward_kernel(x: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor], weights: list[torch.Tensor],
+                   readout: str, output_scale: float, skip_gain: float, into: bool):
     """:func:`forward_cm` without a graph on the compiled kernel: each layer's products and gates in one
     pass (:func:`l2o.optim.lstm_kernel.layer_forward_cm`: the ``[N, 4H]`` pre-activations never go
     through memory; 0.6-0.8x the time of the BLAS products and separate gate pass, which the path with
