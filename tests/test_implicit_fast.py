@@ -171,3 +171,15 @@ def test_implicit_results_are_distinct_plain_tensors():
     torch.testing.assert_close(g["a"], torch.tensor([2.0, 2.0]), rtol=0, atol=0)
     torch.testing.assert_close(g["b"], torch.tensor([1.0, 1.0]), rtol=0, atol=0)
     assert g["a"].data_ptr() != g["b"].data_ptr() and all(t._base is None for t in g.values())
+
+
+def test_neumann_with_no_terms_is_the_first_term():
+    """``iters=0``: ``alpha * b`` and no Hessian-vector product (as before the in-place series)."""
+    from l2o.hypergrad.solvers import neumann
+    calls = []
+    b = [torch.tensor([1.0, -2.0])]
+    out = neumann(lambda v: calls.append(1) or [2.0 * v[0]], b, 0, 0.25)
+    assert calls == [] and isinstance(out, list) and torch.equal(out[0], torch.tensor([0.25, -0.5]))
+    assert torch.equal(b[0], torch.tensor([1.0, -2.0]))  # the caller's vector is untouched
+    one = neumann(lambda v: [2.0 * v[0]], b, 1, 0.25)  # b + (1 - 0.5) b, times 0.25
+    assert isinstance(one, list) and torch.allclose(one[0], torch.tensor([0.375, -0.75]))

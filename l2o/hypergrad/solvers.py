@@ -55,6 +55,10 @@ def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float, ow
     beyond the products' own, which matters where fresh memory page-faults. The caller
     applies ``alpha`` (folded into a pass of its own).
     """
+    if iters == 0:  # the series' first term alone
+        total = [t.clone() for t in b]
+        b.clear()
+        return total
     hv = hvp(b)
     if _writable(hv, b):
         for t, h in zip(b, hv):
@@ -67,7 +71,7 @@ def _neumann_sum(hvp: Callable[[Vec], Vec], b: Vec, iters: int, alpha: float, ow
         total = list(b)
         torch._foreach_add_(total, term)
     else:
-        total = torch._foreach_add(b, term)
+        total = list(torch._foreach_add(b, term))
     b.clear()
     for _ in range(iters - 1):
         hv = hvp(term)  # done with ``term`` as a direction before it is overwritten
