@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
                    help="with --adaptive-scale: the log of the step scale at the start of every run (default "
                         "%(default)s: the wrapped optimizer's own steps; e.g. -0.7 starts at half of them and "
                         "lets the rule grow the steps)")
+    g.add_argument("--plus", metavar="NAME:LR",
+                   help="add a hand-designed optimizer's update to the learned one's, e.g. adam:0.003 (NAME at "
+                        "learning rate LR; with --adaptive-scale each has its own adapted step scale, so on each "
+                        "task the steps of whichever rule makes progress grow; its hyperparameters are "
+                        "meta-trained with the rest)")
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")

@@ -113,6 +113,21 @@ class OptimizerConfig:
     per_parameter: bool = False              # one weight decay per weight
     adaptive_scale: float | None = None      # wrap in AdaptiveScale with this initial beta (learned with the rest)
     adaptive_scale_init: float = 0.0         # AdaptiveScale's log-scale at the start of every inner run
+    plus: str | None = None                  # "NAME:LR": add a hand-designed optimizer's update (optim.Sum)
+
+    def plus_part(self) -> tuple[str, float] | None:
+        """``--plus NAME:LR`` as ``(name, lr)``, None without it; a bad spec raises :class:`UsageError`."""
+        if self.plus is None:
+            return None
+        name, colon, lr_text = str(self.plus).partition(":")
+        try:
+            lr = float(lr_text)
+        except ValueError:
+            lr = math.nan
+        hand = [n for n in OPTIMIZERS if n != "lstm"]
+        need(bool(colon) and name in hand and math.isfinite(lr) and lr > 0,
+             f"--plus {self.plus!r}: give NAME:LR with NAME one of {', '.join(hand)} and LR > 0, e.g. adam:0.003")
+        return name, lr
 
     def validate_optimizer(self) -> None:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -123,6 +138,8 @@ class OptimizerConfig:
         need(math.isfinite(self.adaptive_scale_init) and abs(self.adaptive_scale_init) <= 6.0,
              f"--adaptive-scale-init must lie within -6..6 (a log-scale), got {self.adaptive_scale_init}")
         positive_ints(self, "lstm_hidden", "lstm_layers")
+        if self.plus is not None:
+            self.plus_part()  # raises UsageError on a bad spec
         if self.optimizer == "lstm":  # refused before any data is read
             need(self.learn is None or list(self.learn) == ["weight_decay"],
                  f"--learn {','.join(self.learn or [])}: the LSTM learns all its weights (--learn selects hyperparameters "

@@ -71,6 +71,12 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
         opt = base
     if cfg.adaptive_scale is not None:
         opt = optim.AdaptiveScale(opt, cfg.adaptive_scale, init_log_scale=cfg.adaptive_scale_init)
+    plus = cfg.plus_part()
+    if plus is not None:
+        part = optim.make(plus[0], lr=plus[1])
+        if cfg.adaptive_scale is not None:  # its own adapted scale, starting at its own learning rate
+            part = optim.AdaptiveScale(part, cfg.adaptive_scale)
+        opt = optim.Sum([opt, part])
     opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):
         raise UsageError(f"nothing to learn: --learn {cfg.learn} selects no hyperparameter of {cfg.optimizer}")
@@ -469,6 +475,21 @@ def _weights_config(opt: optim.DifferentiableOptimizer) -> dict[str, Any]:
     return {k: v for k, v in opt.config().items() if k != "init_log_scale"}
 
 
+def _init_target(opt: optim.DifferentiableOptimizer, src: optim.DifferentiableOptimizer
+                 ) -> optim.DifferentiableOptimizer | None:
+    """The part of ``opt`` that ``--init-from``'s optimizer ``src`` starts: ``opt`` itself, or what ``opt`` wraps.
+
+    ``--adaptive-scale`` wraps the run's optimizer and ``--plus`` adds a part after it, so
+    a run's first part (and what that part wraps) can start from another run's weights.
+    """
+    candidates = [opt]
+    if isinstance(opt, optim.Sum):
+        candidates.append(opt.parts[0])
+    if isinstance(candidates[-1], optim.AdaptiveScale):
+        candidates.append(candidates[-1].base)
+    return next((c for c in candidates if _weights_config(c) == _weights_config(src)), None)
+
+
 def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: int | None, progress: bool,
          tensorboard: bool) -> MetaTrainer:
     import os
@@ -494,10 +515,8 @@ def _fit(cfg: TrainConfig, ctx: distributed.Context, resume: bool, stop_after: i
         trainer.restore(ctx.decide(lambda: ckpt_io.load(path, "cpu" if ctx.active else cfg.device)))
     elif cfg.init_from:  # a curriculum stage: start from another run's best weights
         src = ctx.decide(lambda: ckpt_io.load_optimizer(cfg.init_from, "cpu" if ctx.active else cfg.device))
-        target = trainer.opt
-        if isinstance(target, optim.AdaptiveScale) and src.config() == target.base.config():
-            target = target.base  # --adaptive-scale around a run's optimizer: start from its weights
-        if _weights_config(src) != _weights_config(target):
+        target = _init_target(trainer.opt, src)
+        if target is None:
             raise UsageError(f"--init-from {cfg.init_from!r} holds a {src.config()} optimizer, not {trainer.opt.config()}")
         target.load_state_dict(src.state_dict())
     if trainer.meta_step >= cfg.meta_steps:

@@ -8,8 +8,9 @@ from .handcrafted import SGD, Adam, Momentum, MomentumInvDecay, RMSprop, safe_sq
 from .lstm import LSTMOptimizer
 from .adaptive_scale import AdaptiveScale
 from .weight_decay import WeightDecay
+from .sum import Sum
 
-CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer, WeightDecay, AdaptiveScale)}
+CLASSES = {c.__name__: c for c in (SGD, Momentum, MomentumInvDecay, Adam, RMSprop, LSTMOptimizer, WeightDecay, AdaptiveScale, Sum)}
 
 # short names used on the command line
 NAMES = {
@@ -44,5 +45,5 @@ def from_config(config: dict[str, Any]) -> DifferentiableOptimizer:
 
 
 __all__ = ["AdaptiveScale", "Adam", "CLASSES", "DifferentiableOptimizer", "LSTMOptimizer", "Momentum", "MomentumInvDecay", "NAMES",
-           "Params", "RMSprop", "SGD", "State", "WeightDecay", "from_config", "make",
+           "Params", "RMSprop", "SGD", "State", "Sum", "WeightDecay", "from_config", "make",
            "safe_sqrt"]
