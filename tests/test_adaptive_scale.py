@@ -53,6 +53,19 @@ def run(opt, loss, params, steps):
     return params, state
 
 
+def sum_of_losses(opt, loss, x0, steps: int) -> float:
+    """The meta-objective the reverse hypergradients differentiate, evaluated without a graph."""
+    with torch.no_grad():
+        state, p, total = opt.init(x0), dict(x0), 0.0
+        for _ in range(steps):
+            q = {"x": p["x"].detach().requires_grad_()}
+            with torch.enable_grad():
+                g = torch.autograd.grad(loss(q), q["x"])[0]
+            total += float(loss(q))
+            p, state = opt.step({"x": q["x"].detach()}, {"x": g}, state)
+        return total
+
+
 def test_matches_the_rule_written_out():
     loss, x0, _ = quadratic()
     opt = optim.AdaptiveScale(optim.SGD(lr=0.01), beta=0.2)
@@ -113,24 +126,13 @@ def test_meta_gradient_matches_finite_differences():
     hp = {"log_beta": opt.log_beta, "log_lr": opt.base.log_lr}
     grads = hypergrad.reverse(loss, None, x0, hp, opt, 12, meta_weights=[1.0] * 12)
 
-    def objective() -> float:
-        with torch.no_grad():
-            state, p, total = opt.init(x0), dict(x0), 0.0
-            for _ in range(12):
-                q = {"x": p["x"].detach().requires_grad_()}
-                with torch.enable_grad():
-                    g = torch.autograd.grad(loss(q), q["x"])[0]
-                total += float(loss(q))
-                p, state = opt.step({"x": q["x"].detach()}, {"x": g}, state)
-            return total
-
     eps = 1e-6
     for name, param in hp.items():
         with torch.no_grad():
             param += eps
-            up = objective()
+            up = sum_of_losses(opt, loss, x0, 12)
             param -= 2 * eps
-            down = objective()
+            down = sum_of_losses(opt, loss, x0, 12)
             param += eps
         assert float(grads[name]) == pytest.approx((up - down) / (2 * eps), rel=1e-5, abs=1e-9)
 
@@ -139,6 +141,12 @@ def test_config_round_trip_and_torch_optimizer_adapter(tmp_path):
     fopt = optim.AdaptiveScale(lstm(), beta=0.4)
     with torch.no_grad():
         fopt.log_beta += 0.1
+    check_round_trip_and_adapter(fopt)
+
+
+def check_round_trip_and_adapter(fopt) -> None:
+    """``fopt`` rebuilt from its config and weights is the same optimizer, and the torch.optim adapter
+    around it trains a network as the functional steps do."""
     rebuilt = optim.from_config(fopt.config())
     rebuilt.load_state_dict(fopt.state_dict())
     assert rebuilt.config() == fopt.config() and rebuilt.hparams() == pytest.approx(fopt.hparams())

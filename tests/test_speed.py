@@ -101,8 +101,8 @@ def test_shipped_checkpoints_train_as_before(path):
     """Float32, as shipped: a 30-step run of an MLP gives the losses of the original eager step."""
     torch.set_default_dtype(torch.float32)  # the autouse fixture restores float64
     opt = l2o.load_optimizer(path)
-    if isinstance(opt, l2o.optim.AdaptiveScale):  # the wrapper's own rule is tested in test_adaptive_scale.py
-        opt = opt.base
+    while not isinstance(opt, l2o.optim.LSTMOptimizer):  # the wrappers' own rules: test_adaptive_scale.py, test_sum.py
+        opt = opt.parts[0] if isinstance(opt, l2o.optim.Sum) else opt.base
     task = l2o.tasks.base.ModuleTask(lambda: l2o.tasks.mlp.build_mlp(14 * 14, [10], 10, "sigmoid"),
                                      l2o.tasks.base.cross_entropy)
     gen = torch.Generator().manual_seed(0)

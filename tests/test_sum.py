@@ -1,8 +1,6 @@
 """``Sum``: the updates of several optimizers added; meta-gradients, round trips, ``--plus`` on the CLI."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -11,8 +9,8 @@ from l2o import hypergrad, optim
 
 import meta_train
 
-from test_adaptive_scale import quadratic, run
-from test_torch_optimizer import adapter_run, batches, functional_run, lstm, make_net
+from test_adaptive_scale import check_round_trip_and_adapter, quadratic, run, sum_of_losses
+from test_torch_optimizer import lstm
 
 
 def test_two_sgds_add_up_to_one():
@@ -46,24 +44,13 @@ def test_meta_gradient_reaches_every_part_and_matches_finite_differences():
                        "parts.1.base.logit_beta1", "parts.1.base.logit_beta2"}
     grads = hypergrad.reverse(loss, None, x0, hp, opt, 10, meta_weights=[1.0] * 10)
 
-    def objective() -> float:
-        with torch.no_grad():
-            state, p, total = opt.init(x0), dict(x0), 0.0
-            for _ in range(10):
-                q = {"x": p["x"].detach().requires_grad_()}
-                with torch.enable_grad():
-                    g = torch.autograd.grad(loss(q), q["x"])[0]
-                total += float(loss(q))
-                p, state = opt.step({"x": q["x"].detach()}, {"x": g}, state)
-            return total
-
     eps = 1e-4  # fourth-order differences: beta2 = 0.999 sits where its logit's map bends sharply
     for name, param in hp.items():
         f = {}
         with torch.no_grad():
             for k in (-2, -1, 1, 2):
                 param += k * eps
-                f[k] = objective()
+                f[k] = sum_of_losses(opt, loss, x0, 10)
                 param -= k * eps
         fd = (8 * (f[1] - f[-1]) - (f[2] - f[-2])) / (12 * eps)
         assert float(grads[name]) != 0.0, name
@@ -75,16 +62,8 @@ def test_config_round_trip_and_torch_optimizer_adapter():
                       optim.AdaptiveScale(optim.Adam(lr=0.003), beta=0.3)])
     with torch.no_grad():
         fopt.parts[1].base.log_lr += 0.2
-    rebuilt = optim.from_config(fopt.config())
-    rebuilt.load_state_dict(fopt.state_dict())
-    assert rebuilt.config() == fopt.config() and rebuilt.hparams() == pytest.approx(fopt.hparams())
     assert set(fopt.hparams()) == {"0.beta", "1.beta", "1.lr", "1.beta1", "1.beta2"}
-    net, data = make_net(), batches(15)
-    ref_params, ref_losses = functional_run(copy.deepcopy(net), rebuilt, data)
-    losses = adapter_run(net, l2o.LearnedOptimizer(net.parameters(), fopt), data)
-    torch.testing.assert_close(losses, ref_losses, rtol=1e-9, atol=1e-9)
-    for k, v in net.named_parameters():
-        torch.testing.assert_close(v.detach(), ref_params[k], rtol=1e-9, atol=1e-9)
+    check_round_trip_and_adapter(fopt)
 
 
 def test_learn_selects_in_the_parts_that_have_the_name():
