@@ -471,8 +471,14 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
 
 
 def _weights_config(opt: optim.DifferentiableOptimizer) -> dict[str, Any]:
-    """An optimizer's config without what does not shape its weights (a wrapper's starting scale: the run's own wins)."""
-    return {k: v for k, v in opt.config().items() if k != "init_log_scale"}
+    """An optimizer's config without what does not shape its weights (a wrapper's starting scale, at any depth:
+    the run's own wins)."""
+    def strip(c: Any) -> Any:
+        if isinstance(c, dict):
+            return {k: strip(v) for k, v in c.items() if k != "init_log_scale"}
+        return [strip(v) for v in c] if isinstance(c, list) else c
+
+    return strip(opt.config())
 
 
 def _init_target(opt: optim.DifferentiableOptimizer, src: optim.DifferentiableOptimizer

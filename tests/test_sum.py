@@ -99,6 +99,13 @@ def test_meta_train_plus_starts_its_first_part_from_a_checkpoint(tmp_path, capsy
     for (k, a), (_, b) in zip(src.state_dict().items(), lstm_part.state_dict().items()):
         assert (a - b).abs().max() < 5e-3, k  # started from the source's weights, one outer step away
     assert 0.002 < adam_part.hparams()["lr"] < 0.0045 and 0.2 < out.parts[1].hparams()["beta"] < 0.3
+    # a sum starts from a sum whatever either one's starting scale
+    assert meta_train.main(common + ["--name", "mix2", "--adaptive-scale", "0.25", "--adaptive-scale-init", "-1.4",
+                                     "--plus", "adam:0.003", "--init-from", str(tmp_path / "mix" / "checkpoint.pt")]) == 0
+    again = l2o.load_optimizer(str(tmp_path / "mix2" / "checkpoint.pt"), which="current")
+    assert again.parts[0].init_log_scale == -1.4
+    for (k, a), (_, b) in zip(out.state_dict().items(), again.state_dict().items()):
+        assert (a - b).abs().max() < 5e-3, k
     # without --adaptive-scale the added part is the plain optimizer
     assert meta_train.main(common + ["--name", "plain_plus", "--plus", "sgd:0.01"]) == 0
     plain = l2o.load_optimizer(str(tmp_path / "plain_plus" / "checkpoint.pt"), which="current")
