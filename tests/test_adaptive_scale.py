@@ -167,18 +167,32 @@ def test_bad_arguments():
         optim.AdaptiveScale(optim.SGD(lr=0.1)).learn(["momentum"])
 
 
+def tiny_run_args(tmp_path, meta_steps: int) -> list[str]:
+    """meta_train.py flags for a run of seconds: a 4-unit LSTM on quadratics, validated at its last meta-step."""
+    return ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps",
+            str(meta_steps), "--val-every", str(meta_steps), "--val-seeds", "2", "--log-dir", str(tmp_path),
+            "--no-progress"]
+
+
+def run_from(tmp_path, argv: list[str], name: str, source: str):
+    """Run meta_train.py ``argv`` as ``name`` from run ``source``'s weights; the run's current optimizer."""
+    assert meta_train.main(argv + ["--name", name, "--init-from", str(tmp_path / source / "checkpoint.pt")]) == 0
+    return l2o.load_optimizer(str(tmp_path / name / "checkpoint.pt"), which="current")
+
+
+def assert_one_outer_step_apart(src, out) -> None:
+    """One meta-step of outer Adam moved every weight by at most ~lr from the source's."""
+    for (k, a), (_, b) in zip(src.state_dict().items(), out.state_dict().items()):
+        assert (a - b).abs().max() < 5e-3, k
+
+
 def test_meta_train_wraps_and_starts_from_a_plain_checkpoint(tmp_path, capsys):
-    common = ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps", "2",
-              "--val-every", "2", "--val-seeds", "2", "--log-dir", str(tmp_path), "--no-progress"]
+    common = tiny_run_args(tmp_path, meta_steps=2)
     assert meta_train.main(common + ["--name", "plain"]) == 0
     src = l2o.load_optimizer(str(tmp_path / "plain" / "checkpoint.pt"), which="current")
-    assert meta_train.main(common + ["--name", "wrapped", "--adaptive-scale", "0.25", "--meta-steps", "1",
-                                     "--init-from", str(tmp_path / "plain" / "checkpoint.pt")]) == 0
-    out = l2o.load_optimizer(str(tmp_path / "wrapped" / "checkpoint.pt"), which="current")
+    out = run_from(tmp_path, common + ["--adaptive-scale", "0.25", "--meta-steps", "1"], "wrapped", "plain")
     assert isinstance(out, optim.AdaptiveScale) and isinstance(out.base, optim.LSTMOptimizer)
-    # one meta-step of outer Adam moved every weight by at most ~lr from the source's
-    for (k, a), (_, b) in zip(src.state_dict().items(), out.base.state_dict().items()):
-        assert (a - b).abs().max() < 5e-3, k
+    assert_one_outer_step_apart(src, out.base)
     assert 0.2 < out.hparams()["beta"] < 0.3
     capsys.readouterr()
     assert meta_train.main(common + ["--name", "bad", "--adaptive-scale", "-1"]) == 2
@@ -189,9 +203,7 @@ def test_meta_train_wraps_and_starts_from_a_plain_checkpoint(tmp_path, capsys):
 def test_meta_train_adaptive_scale_init(tmp_path, capsys):
     """--adaptive-scale-init S0 reaches the wrapper (and its saved config); a wrapper run starts from another
     wrapper's weights whatever that one's start; S0 without the wrapper or out of range is one line, exit 2."""
-    common = ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps", "1",
-              "--val-every", "1", "--val-seeds", "2", "--log-dir", str(tmp_path), "--no-progress", "--adaptive-scale",
-              "0.25"]
+    common = tiny_run_args(tmp_path, meta_steps=1) + ["--adaptive-scale", "0.25"]
     assert meta_train.main(common + ["--name", "a", "--adaptive-scale-init", "-0.7"]) == 0
     first = l2o.load_optimizer(str(tmp_path / "a" / "checkpoint.pt"), which="current")
     assert first.init_log_scale == -0.7 and first.config()["init_log_scale"] == -0.7

@@ -9,7 +9,8 @@ from l2o import hypergrad, optim
 
 import meta_train
 
-from test_adaptive_scale import check_round_trip_and_adapter, quadratic, run, sum_of_losses
+from test_adaptive_scale import (assert_one_outer_step_apart, check_round_trip_and_adapter, quadratic, run, run_from,
+                                 sum_of_losses, tiny_run_args)
 from test_torch_optimizer import lstm
 
 
@@ -86,26 +87,20 @@ def test_bad_arguments():
 
 
 def test_meta_train_plus_starts_its_first_part_from_a_checkpoint(tmp_path, capsys):
-    common = ["--task", "quadratic", "--lstm-hidden", "4", "--horizon", "6", "--truncation", "3", "--meta-steps", "1",
-              "--val-every", "1", "--val-seeds", "2", "--log-dir", str(tmp_path), "--no-progress"]
+    common = tiny_run_args(tmp_path, meta_steps=1)
     assert meta_train.main(common + ["--name", "plain"]) == 0
     src = l2o.load_optimizer(str(tmp_path / "plain" / "checkpoint.pt"), which="current")
-    assert meta_train.main(common + ["--name", "mix", "--adaptive-scale", "0.25", "--plus", "adam:0.003",
-                                     "--init-from", str(tmp_path / "plain" / "checkpoint.pt")]) == 0
-    out = l2o.load_optimizer(str(tmp_path / "mix" / "checkpoint.pt"), which="current")
+    out = run_from(tmp_path, common + ["--adaptive-scale", "0.25", "--plus", "adam:0.003"], "mix", "plain")
     assert isinstance(out, optim.Sum) and [type(p).__name__ for p in out.parts] == ["AdaptiveScale", "AdaptiveScale"]
     lstm_part, adam_part = out.parts[0].base, out.parts[1].base
     assert isinstance(lstm_part, optim.LSTMOptimizer) and isinstance(adam_part, optim.Adam)
-    for (k, a), (_, b) in zip(src.state_dict().items(), lstm_part.state_dict().items()):
-        assert (a - b).abs().max() < 5e-3, k  # started from the source's weights, one outer step away
+    assert_one_outer_step_apart(src, lstm_part)  # started from the source's weights
     assert 0.002 < adam_part.hparams()["lr"] < 0.0045 and 0.2 < out.parts[1].hparams()["beta"] < 0.3
     # a sum starts from a sum whatever either one's starting scale
-    assert meta_train.main(common + ["--name", "mix2", "--adaptive-scale", "0.25", "--adaptive-scale-init", "-1.4",
-                                     "--plus", "adam:0.003", "--init-from", str(tmp_path / "mix" / "checkpoint.pt")]) == 0
-    again = l2o.load_optimizer(str(tmp_path / "mix2" / "checkpoint.pt"), which="current")
+    again = run_from(tmp_path, common + ["--adaptive-scale", "0.25", "--adaptive-scale-init", "-1.4", "--plus",
+                                         "adam:0.003"], "mix2", "mix")
     assert again.parts[0].init_log_scale == -1.4
-    for (k, a), (_, b) in zip(out.state_dict().items(), again.state_dict().items()):
-        assert (a - b).abs().max() < 5e-3, k
+    assert_one_outer_step_apart(out, again)
     # without --adaptive-scale the added part is the plain optimizer
     assert meta_train.main(common + ["--name", "plain_plus", "--plus", "sgd:0.01"]) == 0
     plain = l2o.load_optimizer(str(tmp_path / "plain_plus" / "checkpoint.pt"), which="current")
