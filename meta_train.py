@@ -54,7 +54,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--data-dir", type=path, help="data root holding MNIST/, FashionMNIST/, cifar-10-batches-py/ (default $L2O_DATA_DIR or ./data)")
     g = ap.add_argument_group("optimizer to learn")
     g.add_argument("--optimizer", default=d.optimizer, help=f"{', '.join(OPTIMIZERS)} (default %(default)s)")
-    g.add_argument("--learn", type=csv_list(str), help="hyperparameters to learn, e.g. lr,momentum or weight_decay (hand-designed optimizers)")
+    g.add_argument("--learn", type=csv_list(str), help="hyperparameters to learn, e.g. lr,momentum or weight_decay (hand-designed optimizers); "
+                   "with the LSTM, naming those --weight-decay, --adaptive-scale and --plus add (e.g. beta,lr) "
+                   "keeps its weights fixed")
     g.add_argument("--inputs", default=d.inputs, help="LSTM inputs: paper (log/sign gradient), plain, rich (momenta + normalised gradient) (default %(default)s)")
     g.add_argument("--readout", default=d.readout, help="LSTM readout: linear (the paper) or dir_mag (direction x exp(log-magnitude), "
                    "with a skip path from the inputs) (default %(default)s)")

@@ -141,9 +141,11 @@ class OptimizerConfig:
         if self.plus is not None:
             self.plus_part()  # raises UsageError on a bad spec
         if self.optimizer == "lstm":  # refused before any data is read
-            need(self.learn is None or list(self.learn) == ["weight_decay"],
+            wrapped = self.adaptive_scale is not None or self.plus is not None
+            need(self.learn is None or list(self.learn) == ["weight_decay"] or wrapped,
                  f"--learn {','.join(self.learn or [])}: the LSTM learns all its weights (--learn selects hyperparameters "
-                 f"of a hand-designed optimizer; with the LSTM only --learn weight_decay, which keeps its weights fixed)")
+                 f"of a hand-designed optimizer; with the LSTM only --learn weight_decay, or the hyperparameters "
+                 f"that --adaptive-scale and --plus add, which keeps its weights fixed)")
         if self.learn and "weight_decay" in self.learn and self.weight_decay is None:
             self.weight_decay = 1e-4
 
@@ -296,6 +298,13 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
              f"--online {self.online} is longer than --horizon {self.horizon}")
         self._validate_device(need)
         need(not (self.per_parameter and self.meta_batch > 1), "--per-parameter weight decay needs --meta-batch 1")
+        if self.learn is not None:  # a name no part has is refused before any folder is made or data read
+            from .train import build_optimizer  # late import: the trainer imports this module
+
+            try:
+                build_optimizer(dataclasses.replace(self, per_parameter=False), {})  # shapes: per-parameter only
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         return self
 
     def concern(self, cls: type) -> Any:

@@ -111,3 +111,24 @@ def test_meta_train_plus_starts_its_first_part_from_a_checkpoint(tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--plus" in err[0] and "NAME:LR" in err[0], err
     assert not (tmp_path / "bad").exists()
+
+
+def test_meta_train_learns_only_the_wrappers_hyperparameters_of_a_fixed_lstm(tmp_path, capsys):
+    common = tiny_run_args(tmp_path, meta_steps=1)
+    assert meta_train.main(common + ["--name", "plain"]) == 0
+    src = l2o.load_optimizer(str(tmp_path / "plain" / "checkpoint.pt"), which="current")
+    wrap = ["--adaptive-scale", "0.25", "--plus", "adam:0.003"]
+    out = run_from(tmp_path, common + wrap + ["--learn", "beta,lr", "--outer-lr", "0.05"], "fixed", "plain")
+    for (k, a), (_, b) in zip(src.state_dict().items(), out.parts[0].base.state_dict().items()):
+        assert torch.equal(a, b), k  # the LSTM's weights are exactly the source's
+    h = out.hparams()
+    assert h["0.beta"] != 0.25 and h["1.beta"] != 0.25 and h["1.lr"] != 0.003  # the named ones moved
+    assert h["1.beta1"] == pytest.approx(0.9) and h["1.beta2"] == pytest.approx(0.999)  # the others did not
+    capsys.readouterr()
+    assert meta_train.main(common + ["--name", "bad", "--learn", "beta"]) == 2  # nothing wraps the LSTM
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--adaptive-scale and --plus" in err[0], err
+    assert meta_train.main(common + wrap + ["--name", "bad", "--learn", "momentum"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "momentum" in err[0], err
+    assert not (tmp_path / "bad").exists()
