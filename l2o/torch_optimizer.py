@@ -21,8 +21,11 @@ coordinates as one batch). The functional state is kept per parameter in
 * ``load_state_dict`` checks every state against this optimizer's own layout for that
   parameter's shape and refuses (ValueError, nothing changed) one that does not fit.
 
-Param-group option: ``scale`` (default 1.0) multiplies the group's update
-(``p <- p + scale * (step(p) - p)``); 1.0 applies the optimizer's update exactly.
+Param-group options: ``scale`` (default 1.0) multiplies the group's update
+(``p <- p + scale * lr * (step(p) - p)``); ``lr`` (default 1.0) multiplies it too and is
+the entry ``torch.optim.lr_scheduler`` schedules drive (warm-up, cosine decay, ...), so a
+group's ``lr`` is a factor on the learned step, not a learning rate of its own. Both 1.0
+apply the optimizer's update exactly.
 """
 from __future__ import annotations
 
@@ -76,11 +79,18 @@ def _check_portable(opt: torch.nn.Module) -> None:
                              "parameter names; give scalar hyperparameters instead")
 
 
-def _scale(value: Any) -> float:
-    """A group's ``scale``: a finite number >= 0 (torch.optim refuses a negative learning rate alike)."""
+def _scale(value: Any, name: str = "scale") -> float:
+    """A group's ``scale`` or ``lr``: a finite number >= 0 (torch.optim refuses a negative learning rate alike)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"scale must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _factor(group: dict[str, Any]) -> float:
+    """What a group's update is multiplied by: its ``scale`` times its (scheduled) ``lr``."""
+    return _scale(group["scale"]) * _scale(group.get("lr", 1.0), "a param group's lr (the factor lr schedulers drive)")
 
 
 # float16 / bfloat16 parameters are stepped in float32 (state kept in float32, the result
@@ -154,12 +164,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         _check_portable(self.functional)
         self._copies: dict[tuple, tuple[torch.nn.Module, Any]] = {}
         self._merged: dict[tuple, tuple[list, list, Any]] = {}  # the last single call's merged state
-        super().__init__(params, {"scale": scale})
+        super().__init__(params, {"scale": scale, "lr": 1.0})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (its ``scale`` defaults to the optimizer's), as ``torch.optim`` does."""
         if isinstance(param_group, dict) and "scale" in param_group:
             param_group = {**param_group, "scale": _scale(param_group["scale"])}
+        if isinstance(param_group, dict) and "lr" in param_group:
+            param_group = {**param_group, "lr": _scale(param_group["lr"], "lr")}
         if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (torch.Tensor, type(None))):
             param_group = {**param_group, "params": list(param_group["params"])}  # a generator is read once
         ps = param_group.get("params") if isinstance(param_group, dict) else None
@@ -201,7 +213,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                kinds.setdefault((p.device, _compute_dtype(p)), []).append((p, group))
+                kinds.setdefault((p.device, _compute_dtype(p)), []).append((p, _factor(group)))
         for key, items in kinds.items():
             module, layout = self._functional_for(*key)
             for p, _ in items:
@@ -237,20 +249,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
         dtype = key[1]  # float32 copies of float16 / bfloat16 parameters and gradients
         params = {n: p if p.dtype == dtype else p.detach().to(dtype) for n, (p, _) in zip(names, call)}
         grads = {n: p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for n, (p, _) in zip(names, call)}
-        if all(group["scale"] == 1.0 for _, group in call):
+        if all(factor == 1.0 for _, factor in call):
             # the parameters and their state are ours to update, as torch.optim's are: in place
             new, state = module.step_(params, grads, merged)
         else:
             new, state = module.step(params, grads, merged)
-        for n, (p, group) in zip(names, call):
+        for n, (p, factor) in zip(names, call):
             if new[n] is p:
                 continue
-            if group["scale"] == 1.0:
+            if factor == 1.0:
                 p.copy_(new[n])
             elif params[n] is p:
-                p.add_(new[n] - p, alpha=group["scale"])
+                p.add_(new[n] - p, alpha=factor)
             else:  # the step in float32, rounded once into the parameter
-                p.copy_(params[n].add_(new[n] - params[n], alpha=group["scale"]))
+                p.copy_(params[n].add_(new[n] - params[n], alpha=factor))
         if layout is None:
             self.state[call[0][0]]["l2o"] = state
             return
@@ -272,6 +284,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """
         before = (self.state, self.param_groups)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("lr", 1.0)  # saved before groups had a scheduled factor
         try:
             self._adopt(state_dict)
         except ValueError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 
 import pytest
@@ -233,6 +234,56 @@ def test_param_groups_scale_and_added_groups():
     for k, v in net.named_parameters():
         if not k.startswith("side"):
             torch.testing.assert_close(v.detach(), dict(ref.named_parameters())[k], rtol=1e-12, atol=1e-14)
+
+
+def test_lr_schedulers_drive_the_groups_lr_factor():
+    """torch.optim.lr_scheduler works: a group's ``lr`` (1.0 at first) multiplies the step, as ``scale`` does."""
+    data = batches(12)
+    runs = []
+    for kind in ("l2o", "torch"):
+        net = make_net()
+        if kind == "l2o":
+            opt = l2o.LearnedOptimizer([{"params": [net.conv.weight, net.conv.bias], "scale": 0.5},
+                                        {"params": [p for n, p in net.named_parameters() if not n.startswith("conv")]}],
+                                       "sgd", lr=0.1)
+            assert [g["lr"] for g in opt.param_groups] == [1.0, 1.0]
+        else:  # the same schedule on torch.optim.SGD with the learning rates the factors stand for
+            opt = torch.optim.SGD([{"params": [net.conv.weight, net.conv.bias], "lr": 0.05},
+                                   {"params": [p for n, p in net.named_parameters() if not n.startswith("conv")]}],
+                                  lr=0.1)
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 4))
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=8)
+        sched = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[4])
+        for x, y in data:
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            sched.step()
+        runs.append((net, opt, sched))
+    (net, opt, sched), (ref, _, _) = runs
+    for k, v in net.named_parameters():
+        torch.testing.assert_close(v.detach(), dict(ref.named_parameters())[k], rtol=1e-12, atol=1e-14)
+    # the factor and the scheduler resume from a state_dict
+    again = l2o.LearnedOptimizer([{"params": [net.conv.weight, net.conv.bias], "scale": 0.5},
+                                  {"params": [p for n, p in net.named_parameters() if not n.startswith("conv")]}],
+                                 "sgd", lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in opt.param_groups] != [1.0, 1.0]
+    # a state saved before groups had the factor loads with factor 1
+    old = opt.state_dict()
+    for g in old["param_groups"]:
+        del g["lr"]
+    again.load_state_dict(old)
+    assert [g["lr"] for g in again.param_groups] == [1.0, 1.0]
+    # a factor a scheduler (or a user) set to nan or below 0 is refused at the step, nothing moved
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    for bad in (math.nan, -0.1):
+        again.param_groups[1]["lr"] = bad
+        with pytest.raises(ValueError, match="lr"):
+            again.step()
+        assert all(torch.equal(v, before[k]) for k, v in net.named_parameters())
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        l2o.LearnedOptimizer([{"params": [net.gain], "lr": -1.0}], "sgd", lr=0.1)
 
 
 def test_closure_and_mixed_dtypes():
