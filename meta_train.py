@@ -112,6 +112,10 @@ def parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("validation, logging, checkpoints")
     g.add_argument("--val-every", type=positive_int, default=d.val_every, help="validate every N meta-steps (default %(default)s)")
     g.add_argument("--val-seeds", type=positive_int, default=d.val_seeds, help="held-out optimizee seeds for validation (default %(default)s)")
+    g.add_argument("--val-horizons", type=csv_list(positive_int),
+                   help="with --family: validate at each of these horizons (e.g. 100,200) and average the "
+                        "speedups over tuned Adam, so the best weights also hold up over longer runs than "
+                        "--horizon (Adam is tuned per member at each; default: --horizon)")
     g.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N meta-steps (default %(default)s)")
     g.add_argument("--seed", type=seed, default=d.seed, help="run seed (default %(default)s)")
     g.add_argument("--device", default=d.device, help="cpu or cuda (default %(default)s)")

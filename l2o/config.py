@@ -235,6 +235,7 @@ class LoggingConfig:
 
     val_every: int = 20
     val_seeds: int = 10
+    val_horizons: list[int] | None = None    # a family's validation at each of these horizons, averaged; None: --horizon
     save_every: int = 10
     seed: int = 0
     device: str = "cpu"
@@ -248,6 +249,13 @@ class LoggingConfig:
 
     def validate_logging(self) -> None:
         positive_ints(self, "val_every", "val_seeds", "save_every")
+        if self.val_horizons is not None:
+            need(isinstance(self.val_horizons, list) and len(self.val_horizons) > 0 and all(
+                 isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in self.val_horizons),
+                 f"--val-horizons must be positive step counts such as 100,200, got {self.val_horizons!r}")
+            need(getattr(self, "family", None) is not None,
+                 "--val-horizons applies to --family runs (their validation is the speedup over tuned Adam per "
+                 "member, comparable across horizons); a task's validation is its final loss at --horizon")
         # the optimizees' seeds are seed * 10^6 + ...: a larger seed overflowed torch's 64-bit seeds mid-run
         need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and abs(self.seed) < SEED_LIMIT,
              f"--seed must be an integer with |seed| < 2**40, got {self.seed!r}")

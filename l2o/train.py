@@ -336,8 +336,10 @@ class MetaTrainer:
             if "adam_members" in self.extra:
                 return
             seeds = range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds)
-            self.extra["adam_members"] = validation.tune_members(self.task, seeds, self.cfg.horizon, ADAM_GRID,
-                                                                 map_fn=self.dist.map)  # [distributed] spread
+            tuned = {str(h): validation.tune_members(self.task, seeds, h, ADAM_GRID, map_fn=self.dist.map)
+                     for h in self.val_horizons}  # [distributed] spread
+            # one horizon: {seed: Adam's run}, as before --val-horizons; several: {horizon: {seed: ...}}
+            self.extra["adam_members"] = tuned if self.cfg.val_horizons else tuned[str(self.cfg.horizon)]
             self.extra["adam_lr"], self.extra["adam_val"] = math.nan, 0.0
             if self.best is not None:  # a run from before per-member validation: rescore its best alike
                 import copy
@@ -353,12 +355,28 @@ class MetaTrainer:
         self.extra["adam_lr"] = lr
         self.extra["adam_val"] = self._score(optim.Adam(lr=lr))
 
+    @property
+    def val_horizons(self) -> list[int]:
+        """The horizons a family is validated at (``--val-horizons``; the run's ``--horizon`` by default)."""
+        return list(self.cfg.val_horizons or [self.cfg.horizon])
+
     def _family_scores(self, opt) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-        """Per component, -log(speedup over the Adam tuned for each validation member), and log(final / Adam's)."""
-        groups = validation.relative_scores(self.task, opt, range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds),
-                                            self.cfg.horizon, self.extra["adam_members"], map_fn=self.dist.map)
-        return ({g: [v[0] for v in vs] for g, vs in groups.items()},
-                {g: [v[1] for v in vs] for g, vs in groups.items()})
+        """Per component, -log(speedup over the Adam tuned for each validation member), and log(final / Adam's).
+
+        With several validation horizons each member counts once per horizon, so a component's
+        mean is the mean over horizons of its members' mean.
+        """
+        refs = self.extra["adam_members"]
+        speed: dict[str, list[float]] = {}
+        ratio: dict[str, list[float]] = {}
+        for h in self.val_horizons:
+            ref = refs[str(h)] if self.cfg.val_horizons else refs
+            groups = validation.relative_scores(self.task, opt, range(VAL_SEEDS, VAL_SEEDS + self.cfg.val_seeds),
+                                                h, ref, map_fn=self.dist.map)
+            for g, vs in groups.items():
+                speed.setdefault(g, []).extend(v[0] for v in vs)
+                ratio.setdefault(g, []).extend(v[1] for v in vs)
+        return speed, ratio
 
     def validate(self) -> float:
         """Score the optimizer on the fixed held-out members; ``val_groups`` holds the per-component means.

@@ -174,3 +174,27 @@ def test_init_from_validates_the_start_so_best_is_never_worse(tmp_path):
     assert run.best["val_loss"] == min(h[1] for h in run.extra["history"])
     assert run.best["meta_step"] == 0  # outer steps of 3 ruin the weights: the start is kept as best
     assert all(torch.equal(v, src.state_dict()[k]) for k, v in run.best["state_dict"].items())
+
+
+def test_validation_at_several_horizons_averages_each_horizons_speedups(tmp_path, monkeypatch):
+    """--val-horizons: Adam tuned per member at each horizon once (not again on --resume), the score the mean."""
+    cfg = small(tmp_path, val_horizons=[8, 12], meta_steps=2)
+    run = fit(cfg, stop_after=1, progress=False, tensorboard=False)
+    refs = run.extra["adam_members"]
+    assert sorted(refs) == ["12", "8"] and all(sorted(r, key=int) == [str(s) for s in range(VAL_SEEDS, VAL_SEEDS + 4)]
+                                               for r in refs.values())
+    assert refs["8"] != refs["12"]  # each horizon's own tuned runs
+    seeds = range(VAL_SEEDS, VAL_SEEDS + 4)
+    each = [validation.balanced_mean({g: [v[0] for v in vs] for g, vs in
+                                      validation.relative_scores(run.task, run.opt, seeds, h, refs[str(h)]).items()})[0]
+            for h in (8, 12)]
+    assert run.validate() == pytest.approx(sum(each) / 2, rel=1e-12)
+    # one horizon is the run's own, stored as before the option
+    one = fit(small(tmp_path / "one", meta_steps=1), progress=False, tensorboard=False)
+    assert sorted(one.extra["adam_members"], key=int) == [str(s) for s in seeds]
+    assert one.extra["history"][-1][1] == pytest.approx(validation.balanced_mean({g: [v[0] for v in vs] for g, vs in
+        validation.relative_scores(one.task, one.opt, seeds, 8, one.extra["adam_members"]).items()})[0], rel=1e-12)
+    monkeypatch.setattr(validation, "tune_members", lambda *a, **k: pytest.fail("re-tuned on --resume"))
+    resumed = fit(small(tmp_path, val_horizons=[8, 12], meta_steps=2), resume=True, progress=False, tensorboard=False)
+    assert resumed.extra["adam_members"] == refs and len(resumed.extra["history"]) == 2
+
