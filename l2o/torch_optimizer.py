@@ -206,14 +206,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        kinds: dict[tuple, list[tuple[torch.Tensor, dict]]] = {}
+        kinds: dict[tuple, list[tuple[torch.Tensor, float]]] = {}
         for group in self.param_groups:
+            factor = None  # checked once per group that has a gradient
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                kinds.setdefault((p.device, _compute_dtype(p)), []).append((p, _factor(group)))
+                if factor is None:
+                    factor = _factor(group)
+                kinds.setdefault((p.device, _compute_dtype(p)), []).append((p, factor))
         for key, items in kinds.items():
             module, layout = self._functional_for(*key)
             for p, _ in items:
