@@ -77,6 +77,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with --adaptive-scale: the log of the step scale at the start of every run (default "
                         "%(default)s: the wrapped optimizer's own steps; e.g. -0.7 starts at half of them and "
                         "lets the rule grow the steps)")
+    g.add_argument("--adaptive-scale-shrink", type=finite_float, default=d.adaptive_scale_shrink, metavar="K",
+                   help="with --adaptive-scale: the rate at which the scales shrink, as a factor on BETA (default "
+                        "%(default)s: as fast as they grow; e.g. 0.7 keeps minibatch noise from annealing the "
+                        "steps early; applies to every adapted scale, --plus's included)")
     g.add_argument("--plus", metavar="NAME:LR",
                    help="add a hand-designed optimizer's update to the learned one's, e.g. adam:0.003 (NAME at "
                         "learning rate LR; with --adaptive-scale each has its own adapted step scale, so on each "

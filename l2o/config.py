@@ -113,6 +113,7 @@ class OptimizerConfig:
     per_parameter: bool = False              # one weight decay per weight
     adaptive_scale: float | None = None      # wrap in AdaptiveScale with this initial beta (learned with the rest)
     adaptive_scale_init: float = 0.0         # AdaptiveScale's log-scale at the start of every inner run
+    adaptive_scale_shrink: float = 1.0       # AdaptiveScale's rate factor where the cosine is negative (all wrappers)
     plus: str | None = None                  # "NAME:LR": add a hand-designed optimizer's update (optim.Sum)
 
     def plus_part(self) -> tuple[str, float] | None:
@@ -137,6 +138,10 @@ class OptimizerConfig:
              "--adaptive-scale-init needs --adaptive-scale (it sets where that wrapper's step scale starts)")
         need(math.isfinite(self.adaptive_scale_init) and abs(self.adaptive_scale_init) <= 6.0,
              f"--adaptive-scale-init must lie within -6..6 (a log-scale), got {self.adaptive_scale_init}")
+        need(self.adaptive_scale_shrink == 1.0 or self.adaptive_scale is not None,
+             "--adaptive-scale-shrink needs --adaptive-scale (it sets how fast that rule lets the steps shrink)")
+        need(math.isfinite(self.adaptive_scale_shrink) and self.adaptive_scale_shrink > 0,
+             f"--adaptive-scale-shrink must be a positive number (e.g. 0.7), got {self.adaptive_scale_shrink}")
         positive_ints(self, "lstm_hidden", "lstm_layers")
         if self.plus is not None:
             self.plus_part()  # raises UsageError on a bad spec
@@ -319,7 +324,7 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
-    FLOATS = ("adaptive_scale", "adaptive_scale_init", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
+    FLOATS = ("adaptive_scale", "adaptive_scale_init", "adaptive_scale_shrink", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
 
     def _validate_floats(self, need) -> None:
         # a nan / inf flag would only surface deep inside a run (or as "done" with every step skipped)

@@ -70,12 +70,13 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
     else:
         opt = base
     if cfg.adaptive_scale is not None:
-        opt = optim.AdaptiveScale(opt, cfg.adaptive_scale, init_log_scale=cfg.adaptive_scale_init)
+        opt = optim.AdaptiveScale(opt, cfg.adaptive_scale, init_log_scale=cfg.adaptive_scale_init,
+                                  shrink=cfg.adaptive_scale_shrink)
     plus = cfg.plus_part()
     if plus is not None:
         part = optim.make(plus[0], lr=plus[1])
         if cfg.adaptive_scale is not None:  # its own adapted scale, starting at its own learning rate
-            part = optim.AdaptiveScale(part, cfg.adaptive_scale)
+            part = optim.AdaptiveScale(part, cfg.adaptive_scale, shrink=cfg.adaptive_scale_shrink)
         opt = optim.Sum([opt, part])
     opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):

@@ -29,14 +29,16 @@ def quadratic(n: int = 6, seed: int = 0):
     return loss, {"x": torch.zeros(n)}, target
 
 
-def reference(base_lr: float, beta: float, steps: int, loss, x0) -> tuple[torch.Tensor, list[float]]:
-    """The rule written out for SGD: s += beta * cos(-g_t, u_{t-1}); u_t = exp(s) * (-lr g_t)."""
+def reference(base_lr: float, beta: float, steps: int, loss, x0, shrink: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+    """The rule written out for SGD: s += beta * k * cos(-g_t, u_{t-1}) (k = shrink where the cosine is
+    negative, else 1); u_t = exp(s) * (-lr g_t)."""
     x, s, u, scales = x0["x"].clone(), 0.0, None, []
     for _ in range(steps):
         xg = x.clone().requires_grad_()
         g = torch.autograd.grad(loss({"x": xg}), xg)[0]
         if u is not None:
-            s = min(6.0, max(-6.0, s + beta * float(-(g @ u) / (g.norm() * u.norm()))))
+            c = float(-(g @ u) / (g.norm() * u.norm()))
+            s = min(6.0, max(-6.0, s + beta * (shrink if c < 0 else 1.0) * c))
         u = torch.exp(torch.tensor(s)) * (-base_lr * g)
         x = x + u
         scales.append(s)
@@ -74,6 +76,26 @@ def test_matches_the_rule_written_out():
     # (theta - lr g) - theta loses a few bits per step against the reference's -lr g
     torch.testing.assert_close(params["x"], ref_x, rtol=1e-7, atol=1e-9)
     assert float(state["s"]) == pytest.approx(scales[-1], abs=1e-7) and abs(scales[-1]) > 0.05
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.39])
+def test_shrink_matches_the_rule_written_out(lr):
+    """shrink K: negative cosines move s at K times the rate (0.39 oscillates on the largest curvature, so the
+    run has both signs); K = 1 is the plain rule and leaves the config as it was."""
+    loss, x0, _ = quadratic()
+    opt = optim.AdaptiveScale(optim.SGD(lr=lr), beta=0.2, shrink=0.4)
+    params, state = run(opt, loss, x0, 30)
+    ref_x, scales = reference(lr, 0.2, 30, loss, x0, shrink=0.4)
+    torch.testing.assert_close(params["x"], ref_x, rtol=1e-7, atol=1e-9)
+    assert float(state["s"]) == pytest.approx(scales[-1], abs=1e-7)
+    plain_x, plain_scales = reference(lr, 0.2, 30, loss, x0)
+    assert abs(scales[-1] - plain_scales[-1]) > 0.05  # the factor changed the run
+    rebuilt = optim.from_config(opt.config())
+    assert rebuilt.shrink == 0.4 and rebuilt.config() == opt.config()
+    assert "shrink" not in optim.AdaptiveScale(optim.SGD(lr=0.1), shrink=1.0).config()  # old configs unchanged
+    for bad in (0.0, -0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="shrink must be a positive number"):
+            optim.AdaptiveScale(optim.SGD(lr=0.1), shrink=bad)
 
 
 def test_first_step_is_the_base_step():
@@ -120,9 +142,10 @@ def test_scale_moves_toward_a_working_step(lr, grows):
     assert float(loss(adapted)) < 0.5 * float(loss(plain))
 
 
-def test_meta_gradient_matches_finite_differences():
+@pytest.mark.parametrize("lr, shrink", [(0.02, 1.0), (0.39, 0.5)])
+def test_meta_gradient_matches_finite_differences(lr, shrink):
     loss, x0, _ = quadratic()
-    opt = optim.AdaptiveScale(optim.SGD(lr=0.02), beta=0.3)
+    opt = optim.AdaptiveScale(optim.SGD(lr=lr), beta=0.3, shrink=shrink)
     hp = {"log_beta": opt.log_beta, "log_lr": opt.base.log_lr}
     grads = hypergrad.reverse(loss, None, x0, hp, opt, 12, meta_weights=[1.0] * 12)
 
@@ -217,3 +240,24 @@ def test_meta_train_adaptive_scale_init(tmp_path, capsys):
         assert meta_train.main(argv + ["--log-dir", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_meta_train_adaptive_scale_shrink(tmp_path, capsys):
+    """--adaptive-scale-shrink K reaches every adapted scale (--plus's too) and the saved config; without
+    --adaptive-scale, or not a positive number, it is one line and exit 2 with no run folder made."""
+    common = tiny_run_args(tmp_path, meta_steps=1) + ["--adaptive-scale", "0.25"]
+    assert meta_train.main(common + ["--name", "k", "--adaptive-scale-shrink", "0.7", "--plus", "adam:0.01"]) == 0
+    out = l2o.load_optimizer(str(tmp_path / "k" / "checkpoint.pt"), which="current")
+    assert isinstance(out, optim.Sum) and [p.shrink for p in out.parts] == [0.7, 0.7]
+    assert all(p.config()["shrink"] == 0.7 for p in out.parts)
+    capsys.readouterr()
+    for argv, needle in ((["--task", "quadratic", "--adaptive-scale-shrink", "0.5"], "needs --adaptive-scale"),
+                         (common + ["--adaptive-scale-shrink", "0"], "must be a positive number"),
+                         (common + ["--adaptive-scale-shrink", "nan"], "finite")):
+        try:  # argparse refuses 'nan' itself (SystemExit 2); the config refuses the rest (returns 2)
+            code = meta_train.main(argv + ["--log-dir", str(tmp_path / "bad"), "--name", "x"])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad" / "x").exists()
