@@ -23,6 +23,16 @@ FLAGS = ["--task", "quadratic", "--lstm-hidden", "6", "--horizon", "8", "--trunc
          "--val-seeds", "2", "--save-every", "1", "--outer-lr", "1e-2", "--meta-batch", "2", "--no-progress"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The ranks run one torch thread each (``OMP_NUM_THREADS=1`` below); the in-process reference runs must too,
+    or their float32 sums are taken in another order than the ranks' (a 6e-8 difference with 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def torchrun(tmp_path, *args, nproc: int = 2, background: bool = False, dtype: str = "float64",
              env: dict | None = None):
     flags = FLAGS[2:] if "--family" in args else FLAGS  # a family samples its own tasks: no --task with it
