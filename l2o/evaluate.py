@@ -71,8 +71,9 @@ def split_metrics(problem: Task, params: Params, split: str = "test", chunk: int
                 part = (x[i:i + chunk], y[i:i + chunk])
                 m = part[1].shape[0]
                 loss_sum += float(problem.loss(params, part)) * m
-                acc_sum += float(problem.accuracy(params, part)) * m
-            return {"loss": loss_sum / n, "accuracy": acc_sum / n}
+                acc = problem.accuracy(params, part)  # None: a regression model (a user's task)
+                acc_sum = None if acc is None or acc_sum is None else acc_sum + float(acc) * m
+            return {"loss": loss_sum / n, "accuracy": None if acc_sum is None else acc_sum / n}
         acc = problem.accuracy(params, batch)
         return {"loss": float(problem.loss(params, batch)), "accuracy": None if acc is None else float(acc)}
 

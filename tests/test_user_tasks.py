@@ -201,6 +201,28 @@ def test_meta_eval_on_a_user_task_by_import_path(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "o2").exists()
 
 
+def test_meta_eval_on_a_regression_task_reports_test_loss_without_accuracy(tmp_path, monkeypatch):
+    """A user's regression model (float targets, MSE) through meta_eval's test-split evaluation: the test loss
+    is measured in chunks as for images and the accuracy is absent (it used to fail on float(None))."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    cli = load_script("meta_eval.py")
+    out = tmp_path / "out"
+    task = os.path.join(ROOT, "benchmarks", "regression_tasks.py") + ":targets_x001"
+    argv = ["--baselines-only", "--tasks", task, "--steps", "4", "--seeds", "2", "--tuning-seeds", "1",
+            "--baselines", "adam", "--grid", "0.001,0.01,2", "--test-points", "2", "--no-cache", "--out", str(out),
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    adam = json.loads((out / "results.json").read_text())["tasks"]["targets_x001"]["optimizers"]["adam"]
+    assert adam["test_loss"]["mean"] > 0 and adam["test_accuracy"]["mean"] is None
+    x = data()[0]
+    small = l2o.tasks.from_module(lambda: nn.Linear(6, 1), (x, x[:, :1]), loss=lambda p, t: ((p - t) ** 2).mean())
+    params = small.init(torch.Generator().manual_seed(0))
+    whole = l2o.evaluate.split_metrics(small, params)
+    chunked = l2o.evaluate.split_metrics(small, params, chunk=7)  # 30 points: chunks of 7, 7, 7, 7, 2
+    assert whole["accuracy"] is None and chunked["accuracy"] is None
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- the examples, tiny
 def test_example_cifar10_training_loop(tiny_data, tmp_path, capsys):
     plot = tmp_path / "curves.png"
