@@ -146,6 +146,8 @@ def test_user_tasks_and_families(tiny_data):
 @pytest.mark.parametrize("spec,needle", [
     ("nope", "unknown family component 'nope'; choose one of conv, default, mlp, quadratic or a task: quadratic"),
     ("mlp:width", "malformed family spec 'mlp:width': expected key=value"),
+    ("quadratic+my_tasks.py:make", "family component 'my_tasks.py:make' is an import path; components are named"),
+    ("pkg.tasks:make", "goes in whole by import path instead: --task file.py:function returning it"),
     ("mlp:colour=red", "family 'mlp' has no option 'colour'; options: dataset, width"),
     ("mlp:width=9-3", "width range must satisfy"),
     ("mlp:activation=swish", "unknown activation 'swish'; choose from elu|relu|sigmoid|tanh"),
@@ -161,3 +163,33 @@ def test_bad_family_specs_name_the_choices(spec, needle):
 def test_family_is_not_itself_an_optimizee():
     with pytest.raises(RuntimeError, match="sample a member first"):
         tasks.family("quadratic").init(seeded(0, 0))
+
+
+def test_mixture_takes_a_users_family_and_a_single_task():
+    """Beside l2o's families, a mixture takes any object whose sample(generator) gives a task (a user's family)
+    and a single task (from_module); each member names its component, as validation reports per component."""
+    from torch import nn
+
+    class Widths:  # a user's family, duck-typed as in examples/user_tasks.py
+        name = "widths"
+
+        def sample(self, generator):
+            w = int(torch.randint(2, 5, (), generator=generator))
+            x = torch.randn(16, 3, generator=generator)
+            return tasks.from_module(lambda: nn.Sequential(nn.Linear(3, w), nn.Tanh(), nn.Linear(w, 1)),
+                                     (x, x[:, :1]), loss=lambda p, y: ((p - y) ** 2).mean(), batch_size=4)
+
+    x = torch.randn(12, 3, generator=torch.Generator().manual_seed(1))
+    single = tasks.from_module(lambda: nn.Linear(3, 2), (x, (x[:, 0] > 0).long()), batch_size=4, name="lin")
+    mix = tasks.Mixture([tasks.family("quadratic:dim=2-3"), Widths(), single], name="mine")
+    assert mix.components == ("quadratic", "widths", "lin")
+    seen = set()
+    for seed in range(40):
+        m = mix.sample(seeded(seed, 0))
+        assert isinstance(m, tasks.families.Member)
+        params = m.init(seeded(seed, 1))
+        assert torch.isfinite(m.loss(params, m.batch("train", seeded(seed, 2))))
+        seen.add(m.family)
+    assert seen == {"quadratic", "widths", "lin"}
+    with pytest.raises(TypeError, match="components are families or tasks"):
+        tasks.Mixture([tasks.family("quadratic"), "mnist_mlp"])

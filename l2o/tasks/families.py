@@ -20,7 +20,8 @@ as a spec string, components joined by ``+``::
 
     --family "mlp:dataset=fashion_mnist,width=16-64,activation=relu|elu+quadratic:dim=5-10+mnist_mlp"
 
-or in Python: ``Mixture([MLPFamily(...), TaskFamily("my_task")])``, or
+or in Python: ``Mixture([MLPFamily(...), TaskFamily("my_task"), MyFamily(), from_module(...)])``
+(a user's family is any object whose ``sample(generator)`` returns a task), or
 ``register_family("mine", lambda **kw: Mixture([...]))`` then ``--family mine``.
 """
 from __future__ import annotations
@@ -180,12 +181,34 @@ class TaskFamily(Family):
         return Member(self.task.sample(generator), self.name, 1.0, self.name)
 
 
+class _Component(Family):
+    """A user's family or task (anything with ``sample(generator) -> Task``) as a component of a mixture."""
+
+    def __init__(self, part: Any) -> None:
+        self.part = part
+        self.name = str(getattr(part, "name", "") or type(part).__name__)
+        self.components = (self.name,)
+
+    def sample(self, generator: torch.Generator) -> Member:
+        task = self.part.sample(generator)
+        return task if isinstance(task, Member) else Member(task, self.name, 1.0, getattr(task, "name", self.name))
+
+
 class Mixture(Family):
-    """Each member comes from one component, chosen uniformly (or by ``weights``)."""
+    """Each member comes from one component, chosen uniformly (or by ``weights``).
+
+    Components are families (``family("quadratic")``, ``MLPFamily(...)``), a user's own
+    family (any object whose ``sample(generator)`` returns a task) or a single task
+    (``from_module(...)``)."""
 
     def __init__(self, parts: Sequence[Family], weights: Sequence[float] | None = None, name: str = "mixture") -> None:
         if not parts:
             raise ValueError("a family mixture needs at least one component")
+        bad = [p for p in parts if not callable(getattr(p, "sample", None))]
+        if bad:
+            raise TypeError(f"a mixture's components are families or tasks (with sample(generator)), got "
+                            f"{type(bad[0]).__name__}")
+        parts = [p if isinstance(p, Family) else _Component(p) for p in parts]
         w = [1.0] * len(parts) if weights is None else [float(x) for x in weights]
         if len(w) != len(parts) or min(w) <= 0:
             raise ValueError("mixture weights must be positive, one per component")
@@ -259,6 +282,11 @@ def parse(spec: str, data_dir: str | None = None, device: str = "cpu") -> Family
     parts = []
     for comp in spec.split("+"):
         name, _, opts_text = comp.strip().partition(":")
+        if opts_text and "=" not in opts_text and ("/" in name or name.endswith(".py") or "." in name):
+            raise ValueError(f"family component {comp.strip()!r} is an import path; components are named (see "
+                             f"--help); a family with one's own tasks goes in whole by import path instead: --task "
+                             f"file.py:function returning it, e.g. l2o.tasks.Mixture([l2o.tasks.family('quadratic'), "
+                             f"MyFamily()])")
         opts: dict[str, Any] = {}
         for item in filter(None, (x.strip() for x in opts_text.split(","))):
             key, eq, val = item.partition("=")
