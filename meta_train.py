@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
                         "learning rate LR; with --adaptive-scale each has its own adapted step scale, so on each "
                         "task the steps of whichever rule makes progress grow; its hyperparameters are "
                         "meta-trained with the rest)")
+    g.add_argument("--plus-floor", type=finite_float, metavar="S",
+                   help="with --plus and --adaptive-scale: the lowest log-scale of the added optimizer's adapted "
+                        "scale (default: none, -6), e.g. -0.5 keeps its steps at or above e^-0.5 = 0.61 of its own "
+                        "learning rate, so the rule cannot anneal it away where the one-step cosine reads slightly "
+                        "negative but larger steps still pay over the run")
     g = ap.add_argument_group("meta-gradient")
     g.add_argument("--method", default=d.method, help=f"{', '.join(METHODS)} (default %(default)s)")
     g.add_argument("--horizon", type=positive_int, default=d.horizon, help="inner steps per meta-step (default %(default)s)")

@@ -115,6 +115,7 @@ class OptimizerConfig:
     adaptive_scale_init: float = 0.0         # AdaptiveScale's log-scale at the start of every inner run
     adaptive_scale_shrink: float = 1.0       # AdaptiveScale's rate factor where the cosine is negative (all wrappers)
     plus: str | None = None                  # "NAME:LR": add a hand-designed optimizer's update (optim.Sum)
+    plus_floor: float | None = None          # lowest log-scale of --plus's adapted scale (AdaptiveScale.min_log_scale)
 
     def plus_part(self) -> tuple[str, float] | None:
         """``--plus NAME:LR`` as ``(name, lr)``, None without it; a bad spec raises :class:`UsageError`."""
@@ -145,6 +146,13 @@ class OptimizerConfig:
         positive_ints(self, "lstm_hidden", "lstm_layers")
         if self.plus is not None:
             self.plus_part()  # raises UsageError on a bad spec
+        if self.plus_floor is not None:
+            need(self.plus is not None and self.adaptive_scale is not None,
+                 "--plus-floor needs --plus and --adaptive-scale (it bounds how far the added optimizer's adapted "
+                 "step scale may shrink)")
+            need(math.isfinite(self.plus_floor) and -6.0 <= self.plus_floor <= 0.0,
+                 f"--plus-floor must lie within -6..0 (a log-scale below the added optimizer's own steps, e.g. "
+                 f"-0.5), got {self.plus_floor}")
         if self.optimizer == "lstm":  # refused before any data is read
             wrapped = self.adaptive_scale is not None or self.plus is not None
             need(self.learn is None or list(self.learn) == ["weight_decay"] or wrapped,
@@ -324,7 +332,7 @@ class TrainConfig(TaskConfig, OptimizerConfig, EstimatorConfig, OuterConfig, Log
         """The part of this config that ``cls`` (one of :attr:`CONCERNS`) describes, as its own dataclass."""
         return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
 
-    FLOATS = ("adaptive_scale", "adaptive_scale_init", "adaptive_scale_shrink", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
+    FLOATS = ("adaptive_scale", "adaptive_scale_init", "adaptive_scale_shrink", "plus_floor", "output_scale", "skip_gain", "lr", "momentum", "decay", "weight_decay", "outer_lr", "clip")
 
     def _validate_floats(self, need) -> None:
         # a nan / inf flag would only surface deep inside a run (or as "done" with every step skipped)

@@ -76,7 +76,8 @@ def build_optimizer(cfg: TrainConfig, shapes: dict[str, list[int]]) -> optim.Dif
     if plus is not None:
         part = optim.make(plus[0], lr=plus[1])
         if cfg.adaptive_scale is not None:  # its own adapted scale, starting at its own learning rate
-            part = optim.AdaptiveScale(part, cfg.adaptive_scale, shrink=cfg.adaptive_scale_shrink)
+            part = optim.AdaptiveScale(part, cfg.adaptive_scale, shrink=cfg.adaptive_scale_shrink,
+                                       min_log_scale=cfg.plus_floor)
         opt = optim.Sum([opt, part])
     opt.learn(list(cfg.learn) if cfg.learn is not None else None)
     if not any(p.requires_grad for p in opt.parameters()):

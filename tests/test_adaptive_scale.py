@@ -29,16 +29,17 @@ def quadratic(n: int = 6, seed: int = 0):
     return loss, {"x": torch.zeros(n)}, target
 
 
-def reference(base_lr: float, beta: float, steps: int, loss, x0, shrink: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+def reference(base_lr: float, beta: float, steps: int, loss, x0, shrink: float = 1.0,
+              floor: float = -6.0) -> tuple[torch.Tensor, list[float]]:
     """The rule written out for SGD: s += beta * k * cos(-g_t, u_{t-1}) (k = shrink where the cosine is
-    negative, else 1); u_t = exp(s) * (-lr g_t)."""
+    negative, else 1), s kept within floor..6; u_t = exp(s) * (-lr g_t)."""
     x, s, u, scales = x0["x"].clone(), 0.0, None, []
     for _ in range(steps):
         xg = x.clone().requires_grad_()
         g = torch.autograd.grad(loss({"x": xg}), xg)[0]
         if u is not None:
             c = float(-(g @ u) / (g.norm() * u.norm()))
-            s = min(6.0, max(-6.0, s + beta * (shrink if c < 0 else 1.0) * c))
+            s = min(6.0, max(floor, s + beta * (shrink if c < 0 else 1.0) * c))
         u = torch.exp(torch.tensor(s)) * (-base_lr * g)
         x = x + u
         scales.append(s)
@@ -96,6 +97,26 @@ def test_shrink_matches_the_rule_written_out(lr):
     for bad in (0.0, -0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match="shrink must be a positive number"):
             optim.AdaptiveScale(optim.SGD(lr=0.1), shrink=bad)
+
+
+def test_floor_matches_the_rule_written_out():
+    """min_log_scale stops the rule's shrinking there: at lr 0.5 (above 2 / the largest curvature, 5) the plain
+    rule shrinks s to about -1.4; floored at -0.4 the run sits on the floor and follows the rule written out."""
+    loss, x0, _ = quadratic()
+    plain_x, plain_scales = reference(0.5, 0.3, 30, loss, x0)
+    assert min(plain_scales) < -1.0
+    opt = optim.AdaptiveScale(optim.SGD(lr=0.5), beta=0.3, min_log_scale=-0.4)
+    params, state = run(opt, loss, x0, 30)
+    ref_x, scales = reference(0.5, 0.3, 30, loss, x0, floor=-0.4)
+    torch.testing.assert_close(params["x"], ref_x, rtol=1e-6, atol=1e-8)
+    assert min(scales) == -0.4 and float(state["s"]) == pytest.approx(scales[-1], abs=1e-7)
+    rebuilt = optim.from_config(opt.config())
+    assert rebuilt.min_log_scale == -0.4 and rebuilt.config() == opt.config()
+    assert "min_log_scale" not in optim.AdaptiveScale(optim.SGD(lr=0.1)).config()  # old configs unchanged
+    assert optim.AdaptiveScale(optim.SGD(lr=0.1)).min_log_scale == -6.0
+    for bad, init in ((0.5, 0.0), (-1.0, -1.5), (-7.0, 0.0), (math.nan, 0.0)):
+        with pytest.raises(ValueError, match="min_log_scale must lie within"):
+            optim.AdaptiveScale(optim.SGD(lr=0.1), init_log_scale=init, min_log_scale=bad)
 
 
 def test_first_step_is_the_base_step():
@@ -240,6 +261,26 @@ def test_meta_train_adaptive_scale_init(tmp_path, capsys):
         assert meta_train.main(argv + ["--log-dir", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_meta_train_plus_floor(tmp_path, capsys):
+    """--plus-floor S bounds the added optimizer's adapted scale only (the LSTM's stays unbounded) and is
+    saved; without --plus / --adaptive-scale, or outside -6..0, it is one line and exit 2, no run folder."""
+    common = tiny_run_args(tmp_path, meta_steps=1) + ["--adaptive-scale", "0.25"]
+    assert meta_train.main(common + ["--name", "f", "--plus", "adam:0.01", "--plus-floor", "-0.5"]) == 0
+    out = l2o.load_optimizer(str(tmp_path / "f" / "checkpoint.pt"), which="current")
+    assert [p.min_log_scale for p in out.parts] == [-6.0, -0.5]
+    assert out.parts[1].config()["min_log_scale"] == -0.5 and "min_log_scale" not in out.parts[0].config()
+    capsys.readouterr()
+    for argv, needle in ((common + ["--plus-floor", "-0.5"], "needs --plus and --adaptive-scale"),
+                         (["--task", "quadratic", "--plus", "adam:0.01", "--plus-floor", "-0.5"],
+                          "needs --plus and --adaptive-scale"),
+                         (common + ["--plus", "adam:0.01", "--plus-floor", "0.5"], "must lie within -6..0"),
+                         (common + ["--plus", "adam:0.01", "--plus-floor", "-7"], "must lie within -6..0")):
+        code = meta_train.main(argv + ["--log-dir", str(tmp_path / "bad"), "--name", "x"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "bad" / "x").exists()
 
 
 def test_meta_train_adaptive_scale_shrink(tmp_path, capsys):

@@ -6,7 +6,7 @@ per run, and moves ``s`` by the cosine between the new gradient and the last upd
 Rate Adaptation with Hypergradient Descent"):
 
     c_t     = -<g_t, u_{t-1}> / (|g_t| |u_{t-1}|)       (in [-1, 1]; 0 at the first step)
-    s_t     = clamp(s_{t-1} + beta * k_t * c_t, -max_log_scale, max_log_scale)
+    s_t     = clamp(s_{t-1} + beta * k_t * c_t, min_log_scale, max_log_scale)
               k_t = 1 where c_t >= 0, ``shrink`` where c_t < 0 (1 by default: Baydin et al.'s rule)
     u_t     = exp(s_t) * (base update from g_t)
     theta  <- theta + u_t
@@ -25,6 +25,13 @@ noise a step injects outweighs its progress over one step) although larger steps
 over the rest of the run, so the plain rule anneals the steps too early (the short-horizon
 bias of Wu et al. 2018, inside the rule). A steady oscillation (c near -1) still shrinks
 them quickly.
+
+``min_log_scale`` (default ``-max_log_scale``) bounds how far the rule may anneal: with
+e.g. -0.5 the steps never fall below ``e^-0.5 = 0.61`` of the base optimizer's. Where the
+one-step cosine keeps reading slightly negative while larger steps still pay over the
+run (convnets over a few hundred steps, regression losses far from order 1), a floor
+under a hand-designed part keeps it near its own learning rate instead of annealing it
+to a few percent of it.
 
 The cosine couples all coordinates of a run, so the state holds the last update of
 every coordinate (``u``) and the scalar ``s``.
@@ -48,6 +55,8 @@ class AdaptiveScale(DifferentiableOptimizer):
         base: the wrapped optimizer, or its :meth:`config` dict.
         beta: initial adaptation rate of the log-scale per step (learnable, > 0).
         max_log_scale: bound on ``|s|``.
+        min_log_scale: lowest ``s`` (default ``-max_log_scale``; within ``-max_log_scale ..
+            init_log_scale``): how far below the base optimizer's steps the rule may go.
         init_log_scale: ``s`` at the start of every run (0: the base optimizer's own step
             size; below 0 starts cautiously and lets the rule grow the steps).
         shrink: factor on the rate where the cosine is negative (> 0; 1: the same rate both
@@ -55,7 +64,8 @@ class AdaptiveScale(DifferentiableOptimizer):
     """
 
     def __init__(self, base: DifferentiableOptimizer | dict, beta: float = 0.1,
-                 max_log_scale: float = MAX_LOG_SCALE, init_log_scale: float = 0.0, shrink: float = 1.0) -> None:
+                 max_log_scale: float = MAX_LOG_SCALE, init_log_scale: float = 0.0, shrink: float = 1.0,
+                 min_log_scale: float | None = None) -> None:
         super().__init__()
         if isinstance(base, dict):
             from . import from_config  # late import: the package registers this class
@@ -68,18 +78,25 @@ class AdaptiveScale(DifferentiableOptimizer):
         if not abs(init_log_scale) <= max_log_scale:
             raise ValueError(f"AdaptiveScale: init_log_scale must lie within +-max_log_scale ({max_log_scale}), "
                              f"got {init_log_scale}")
+        floor = -float(max_log_scale) if min_log_scale is None else float(min_log_scale)
+        if not (math.isfinite(floor) and -max_log_scale <= floor <= init_log_scale):
+            raise ValueError(f"AdaptiveScale: min_log_scale must lie within -max_log_scale ({-max_log_scale}) and "
+                             f"init_log_scale ({init_log_scale}), got {min_log_scale}")
         if not (math.isfinite(shrink) and shrink > 0):
             raise ValueError(f"AdaptiveScale: shrink must be a positive number (e.g. 0.7), got {shrink}")
         self.base = base
         self.max_log_scale = float(max_log_scale)
         self.init_log_scale = float(init_log_scale)
         self.shrink = float(shrink)
+        self.min_log_scale = floor
         self._hparam("beta", beta, "positive")
         self._config["max_log_scale"] = self.max_log_scale
         if self.init_log_scale != 0.0:  # configs of wrappers that start at the base's scale stay as they were
             self._config["init_log_scale"] = self.init_log_scale
         if self.shrink != 1.0:  # likewise for the symmetric rule
             self._config["shrink"] = self.shrink
+        if self.min_log_scale != -self.max_log_scale:  # likewise for the unbounded-below rule
+            self._config["min_log_scale"] = self.min_log_scale
 
     def config(self) -> dict[str, Any]:
         return {"type": "AdaptiveScale", "base": self.base.config(), **self._config}
@@ -119,7 +136,7 @@ class AdaptiveScale(DifferentiableOptimizer):
         cos = -(g @ u_prev) / denom.clamp_min(torch.finfo(g.dtype).tiny)
         if self.shrink != 1.0:
             cos = torch.where(cos < 0, self.shrink * cos, cos)
-        s = (state["s"] + self.hparam("beta") * cos).clamp(-self.max_log_scale, self.max_log_scale)
+        s = (state["s"] + self.hparam("beta") * cos).clamp(self.min_log_scale, self.max_log_scale)
         stepped, base_state = self.base.step(params, grads, state["base"])
         scale = torch.exp(s)
         out, parts = {}, []
