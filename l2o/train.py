@@ -490,12 +490,16 @@ def fit(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None, p
         ctx.close()
 
 
+# an adapted scale's rule settings: they do not shape any weights, so --init-from ignores them (the run's own win)
+_RULE_SETTINGS = ("init_log_scale", "shrink", "min_log_scale")
+
+
 def _weights_config(opt: optim.DifferentiableOptimizer) -> dict[str, Any]:
-    """An optimizer's config without what does not shape its weights (a wrapper's starting scale, at any depth:
-    the run's own wins)."""
+    """An optimizer's config without what does not shape its weights (a wrapper's starting scale, shrink factor
+    and floor, at any depth: the run's own win)."""
     def strip(c: Any) -> Any:
         if isinstance(c, dict):
-            return {k: strip(v) for k, v in c.items() if k != "init_log_scale"}
+            return {k: strip(v) for k, v in c.items() if k not in _RULE_SETTINGS}
         return [strip(v) for v in c] if isinstance(c, list) else c
 
     return strip(opt.config())

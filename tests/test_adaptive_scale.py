@@ -271,6 +271,12 @@ def test_meta_train_plus_floor(tmp_path, capsys):
     out = l2o.load_optimizer(str(tmp_path / "f" / "checkpoint.pt"), which="current")
     assert [p.min_log_scale for p in out.parts] == [-6.0, -0.5]
     assert out.parts[1].config()["min_log_scale"] == -0.5 and "min_log_scale" not in out.parts[0].config()
+    # --init-from such a run with other rule settings (no floor, shrink 0.7): the weights carry over, the
+    # run's own settings win, as for the starting scale
+    assert meta_train.main(common + ["--name", "g", "--plus", "adam:0.01", "--adaptive-scale-shrink", "0.7",
+                                     "--init-from", str(tmp_path / "f" / "checkpoint.pt")]) == 0
+    again = l2o.load_optimizer(str(tmp_path / "g" / "checkpoint.pt"), which="best")
+    assert [p.min_log_scale for p in again.parts] == [-6.0, -6.0] and [p.shrink for p in again.parts] == [0.7, 0.7]
     capsys.readouterr()
     for argv, needle in ((common + ["--plus-floor", "-0.5"], "needs --plus and --adaptive-scale"),
                          (["--task", "quadratic", "--plus", "adam:0.01", "--plus-floor", "-0.5"],
