@@ -223,6 +223,29 @@ def test_meta_eval_on_a_regression_task_reports_test_loss_without_accuracy(tmp_p
     assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6)
 
 
+def test_heldout_tasks_take_the_data_dir_and_run_in_meta_eval(tiny_data, tmp_path, monkeypatch):
+    """benchmarks/heldout_tasks.py: each variant builds on the tiny data files from --data-dir (not ./data) with
+    the settings it names, and meta_eval evaluates them as user tasks."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.delenv("L2O_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./data here: only --data-dir can find the files
+    module = load_script("benchmarks/heldout_tasks.py")
+    conv = module.conv_c32_h64_b64(data_dir=tiny_data)
+    assert (conv.channels, conv.hidden, conv.batch_size) == (32, 64, 64)
+    assert module.mnist_b512(data_dir=tiny_data).batch_size == 512
+    assert module.fashion_3x32_tanh(data_dir=tiny_data).hidden == [32, 32, 32]
+    assert module.quadratic_5d().init(torch.Generator().manual_seed(0))["x"].numel() == 5
+    cli = load_script("meta_eval.py")
+    path = os.path.join(ROOT, "benchmarks", "heldout_tasks.py")
+    tasks = ",".join(f"{path}:{name}" for name in ("mnist_2x64_relu_b64", "conv_c32_h64_b64", "quadratic_5d"))
+    argv = ["--data-dir", tiny_data, "--baselines-only", "--tasks", tasks, "--steps", "3", "--seeds", "1",
+            "--tuning-seeds", "1", "--baselines", "adam", "--grid", "0.001,0.01,2", "--test-points", "1",
+            "--no-cache", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
+    assert sorted(results) == ["conv_c32_h64_b64", "mnist_2x64_relu_b64", "quadratic_5d"]
+
+
 # ----------------------------------------------------------------------------- the examples, tiny
 def test_example_cifar10_training_loop(tiny_data, tmp_path, capsys):
     plot = tmp_path / "curves.png"
