@@ -280,6 +280,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state from :meth:`state_dict` (the learned optimizer's per-coordinate state included).
 
+        The optimizer itself (a checkpoint's weights, a named optimizer's hyperparameters) is the
+        constructor's, not part of the state: resume with the arguments the state was saved under.
+
         Raises:
             ValueError: the state was not saved by a ``LearnedOptimizer`` with this optimizer
                 over parameters of these shapes (as ``torch.optim``, for a mismatch of the
