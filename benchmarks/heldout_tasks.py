@@ -10,7 +10,11 @@ chosen on; each takes ``data_dir`` as the built-in tasks do, so ``--data-dir`` r
 """
 from __future__ import annotations
 
+from torch import nn
+
+import l2o
 from l2o.tasks.conv import ConvTask
+from l2o.tasks.data import load
 from l2o.tasks.mlp import MLPTask
 from l2o.tasks.quadratic import QuadraticTask
 
@@ -38,3 +42,12 @@ def fashion_3x32_tanh(data_dir: str | None = None) -> MLPTask:
 def quadratic_5d() -> QuadraticTask:
     """The L2L quadratics in 5 dimensions (run them over 300 steps)."""
     return QuadraticTask(dim=5)
+
+
+def cifar10_mlp_relu(data_dir: str | None = None) -> l2o.tasks.Task:
+    """An MLP on CIFAR-10's flattened colour images (3072-64-64-10, ReLU), a task kind the family has not."""
+    train, test = load("cifar10", "train", data_dir), load("cifar10", "test", data_dir)
+    build = lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                                  nn.Linear(64, 10))
+    return l2o.tasks.from_module(build, (train.x, train.y), (test.x, test.y), batch_size=128, name="cifar10_mlp_relu")
+

@@ -237,13 +237,15 @@ def test_heldout_tasks_take_the_data_dir_and_run_in_meta_eval(tiny_data, tmp_pat
     assert module.quadratic_5d().init(torch.Generator().manual_seed(0))["x"].numel() == 5
     cli = load_script("meta_eval.py")
     path = os.path.join(ROOT, "benchmarks", "heldout_tasks.py")
-    tasks = ",".join(f"{path}:{name}" for name in ("mnist_2x64_relu_b64", "conv_c32_h64_b64", "quadratic_5d"))
+    tasks = ",".join(f"{path}:{name}" for name in ("mnist_2x64_relu_b64", "conv_c32_h64_b64", "quadratic_5d",
+                                                     "cifar10_mlp_relu"))
     argv = ["--data-dir", tiny_data, "--baselines-only", "--tasks", tasks, "--steps", "3", "--seeds", "1",
             "--tuning-seeds", "1", "--baselines", "adam", "--grid", "0.001,0.01,2", "--test-points", "1",
             "--no-cache", "--out", str(tmp_path / "out"), "--no-progress"]
     assert cli.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]
-    assert sorted(results) == ["conv_c32_h64_b64", "mnist_2x64_relu_b64", "quadratic_5d"]
+    assert sorted(results) == ["cifar10_mlp_relu", "conv_c32_h64_b64", "mnist_2x64_relu_b64", "quadratic_5d"]
+    assert results["cifar10_mlp_relu"]["optimizers"]["adam"]["test_accuracy"]["mean"] is not None  # labels: accuracy
 
 
 # ----------------------------------------------------------------------------- the examples, tiny
